@@ -1,0 +1,13 @@
+"""Frontends: lowering of nn.Modules to the merge IR, and the rule registry users extend.
+
+Example::
+
+    >>> from hmir.frontends import lower, register_module, rules
+"""
+from hmir.frontends import rules
+from hmir.frontends.fx import lower, trace
+from hmir.frontends.registry import (register_function, register_method, register_module,
+                                     unregister_module)
+
+__all__ = ["lower", "trace", "rules", "register_module", "register_function", "register_method",
+           "unregister_module"]

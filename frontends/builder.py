@@ -1,0 +1,216 @@
+"""State of one lowering: values' feature axes, raw spaces, their unions, and finalisation.
+
+Rules (see :mod:`hmir.frontends.rules`) call the builder to create spaces, join them and
+attach parameter slices; :meth:`Builder.finalize` collapses joined spaces into the
+canonical :class:`~hmir.ir.Space` list of a :class:`~hmir.ir.MergeIR`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import sympy
+import torch.fx as fx
+from networkx.utils import UnionFind
+
+from hmir.errors import LoweringError
+from hmir.ir import MergeIR, ObsPoint, Segment, Slice, Space
+
+
+@dataclass
+class Val:
+    """What lowering knows about one tensor value of the graph.
+
+    ``axes`` maps a dim to the :data:`~hmir.ir.Axis` it carries; ``raw`` marks values
+    computed from the model input only (their axes are fixed input spaces, created on
+    first use); ``param`` names the parameter a ``get_attr`` value is; ``origin`` maps a
+    space to the last point where it was seen unflattened (for observation).
+    """
+
+    shape: tuple[int, ...]
+    axes: dict[int, tuple] = field(default_factory=dict)
+    raw: bool = False
+    param: str | None = None
+    origin: dict[int, ObsPoint] = field(default_factory=dict)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass
+class _RawSpace:
+    width: int
+    name: str
+    fixed: str = ""
+    group_size: int = 1
+
+
+class Builder:
+    """Accumulates spaces, unions and slices while the frontend walks the graph."""
+
+    def __init__(self, model_name: str, gm: fx.GraphModule) -> None:
+        self.model_name = model_name
+        self.gm = gm
+        self.raw: list[_RawSpace] = []
+        self.uf = UnionFind()
+        self.group_links: list[tuple[int, int]] = []
+        self.slices: list[Slice] = []
+        self.points: list[tuple[int, ObsPoint]] = []
+        self.joins: list[tuple[int, str]] = []
+        self.param_dims: dict[str, set[int]] = {}
+        self.unsliced: dict[str, str] = {}
+        self.values: dict[fx.Node, object] = {}
+        self.node: fx.Node | None = None
+
+    # -- spaces -------------------------------------------------------------------
+    def new_space(self, width: int, name: str, fixed: str = "", group_size: int = 1) -> int:
+        sid = len(self.raw)
+        self.raw.append(_RawSpace(int(width), name, fixed, group_size))
+        self.uf[sid]
+        return sid
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.raw[self.uf[a]], self.raw[self.uf[b]]
+        if ra.width != rb.width:
+            self.fail(f"joins spaces '{ra.name}' (width {ra.width}) and '{rb.name}' (width {rb.width})")
+        if a != b and self.node is not None:
+            self.joins.append((a, self.node.name))
+        self.uf.union(a, b)
+
+    def union_axes(self, x: tuple, y: tuple) -> tuple:
+        """Join two axes segment by segment (they must have the same layout)."""
+        if len(x) != len(y) or any((s.inner, s.outer) != (t.inner, t.outer) for s, t in zip(x, y)):
+            self.fail(f"joins two tensors whose feature layouts differ: {x} vs {y}")
+        for s, t in zip(x, y):
+            self.union(s.space, t.space)
+        return x
+
+    def width(self, sid: int) -> int:
+        return self.raw[sid].width
+
+    def axis_width(self, axis: tuple) -> int:
+        return sum(self.width(s.space) * s.inner * s.outer for s in axis)
+
+    def axis_of(self, val: Val, dim: int, what: str = "this op") -> tuple:
+        """The axis ``val`` carries at ``dim``; raw input values get a fixed space."""
+        dim = dim % val.ndim
+        if dim in val.axes:
+            return val.axes[dim]
+        if val.raw:
+            sid = self.new_space(val.shape[dim], f"input:{self.node.name}:{dim}", fixed="model input")
+            val.axes[dim] = (Segment(sid),)
+            return val.axes[dim]
+        self.fail(f"{what} reads dim {dim} of a tensor of shape {tuple(val.shape)} whose feature "
+                  f"layout at that dim is unknown (carried axes: {sorted(val.axes)})")
+
+    # -- slices and points -----------------------------------------------------------
+    def add_slice(self, param: str, dim: int, sid: int, role: str, offset: int = 0,
+                  inner: int = 1, outer: int = 1, grouped: bool = False) -> None:
+        self.slices.append(Slice(param, dim, sid, role, offset, inner, outer, grouped))
+        self.param_dims.setdefault(param, set()).add(dim)
+
+    def axis_slices(self, param: str, dim: int, axis: tuple, role: str) -> None:
+        """Attach one slice per segment of ``axis`` along ``param``'s ``dim``."""
+        off = 0
+        for seg in axis:
+            self.add_slice(param, dim, seg.space, role, off, seg.inner, seg.outer)
+            off += self.width(seg.space) * seg.inner * seg.outer
+
+    def declare(self, param: str, dims: tuple[int, ...] = (), reason: str = "") -> None:
+        """Record a parameter with no feature dim (or extra feature dims) explicitly."""
+        if dims:
+            self.param_dims.setdefault(param, set()).update(dims)
+        else:
+            self.unsliced[param] = reason
+
+    def observe(self, val: Val, node: fx.Node) -> Val:
+        """Register ``node``'s plain segments as observation origins of their spaces."""
+        origin = dict(val.origin)
+        for dim, axis in val.axes.items():
+            off = 0
+            for seg in axis:
+                if seg.inner == 1 and seg.outer == 1:
+                    origin[seg.space] = ObsPoint(node.name, dim, off)
+                off += self.width(seg.space) * seg.inner * seg.outer
+        val.origin = origin
+        return val
+
+    def read_point(self, val: Val, axis: tuple) -> None:
+        """A parameter op reads ``axis`` of ``val``: observe each space where last seen plainly."""
+        for seg in axis:
+            pt = val.origin.get(seg.space)
+            if pt is not None:
+                self.points.append((seg.space, pt))
+
+    # -- structure -------------------------------------------------------------------
+    def set_group(self, sid: int, size: int) -> None:
+        rs = self.raw[sid]
+        if rs.width % size:
+            self.fail(f"groups of {size} do not divide space '{rs.name}' of width {rs.width}")
+        if rs.group_size not in (1, size):
+            self.fail(f"space '{rs.name}' would need groups of both {rs.group_size} and {size}")
+        rs.group_size = size
+
+    def fix(self, sid: int, reason: str) -> None:
+        self.raw[sid].fixed = self.raw[sid].fixed or reason
+
+    def fail(self, msg: str):
+        from hmir.frontends.diagnostics import node_error
+
+        raise node_error(LoweringError, self.model_name, self.node, msg)
+
+    # -- finalisation ----------------------------------------------------------------
+    def _tie_shared_params(self) -> None:
+        """Slices of one parameter dim at one offset from several calls mean one space."""
+        first: dict[tuple, int] = {}
+        for sl in self.slices:
+            key = (sl.param, sl.dim, sl.offset, sl.role, sl.inner, sl.outer, sl.grouped)
+            if key in first:
+                self.uf.union(first[key], sl.space)
+            else:
+                first[key] = sl.space
+
+    def finalize(self, frontend: str) -> MergeIR:
+        self._tie_shared_params()
+        roots = sorted({self.uf[i] for i in range(len(self.raw))}, key=lambda r: min(self._members(r)))
+        new_id = {r: k for k, r in enumerate(roots)}
+        remap = {i: new_id[self.uf[i]] for i in range(len(self.raw))}
+        spaces = [self._make_space(k, r) for k, r in enumerate(roots)]
+        for sl in dict.fromkeys(self.slices):
+            spaces[remap[sl.space]].slices.append(_replace_space(sl, remap[sl.space]))
+        for sid, pt in dict.fromkeys(self.points):
+            if pt not in spaces[remap[sid]].points:
+                spaces[remap[sid]].points.append(pt)
+        for sid, node in self.joins:
+            if node not in spaces[remap[sid]].joins:
+                spaces[remap[sid]].joins.append(node)
+        self._assign_group_classes(spaces, remap)
+        dims = {p: tuple(sorted(d)) for p, d in self.param_dims.items()}
+        return MergeIR(self.model_name, self.gm, spaces, dims, dict(self.unsliced), frontend)
+
+    def _members(self, root: int) -> list[int]:
+        return [i for i in range(len(self.raw)) if self.uf[i] == root]
+
+    def _make_space(self, k: int, root: int) -> Space:
+        members = [self.raw[i] for i in self._members(root)]
+        fixed = "; ".join(sorted({m.fixed for m in members if m.fixed}))
+        gsize = math.lcm(*[m.group_size for m in members])
+        if any(m.group_size not in (1, gsize) for m in members):
+            self.node = None
+            self.fail(f"space '{members[0].name}' joins incompatible group sizes "
+                      f"{sorted({m.group_size for m in members})}")
+        return Space(k, members[0].name, sympy.Integer(members[0].width), bool(fixed), fixed, gsize)
+
+    def _assign_group_classes(self, spaces: list[Space], remap: dict[int, int]) -> None:
+        guf = UnionFind(range(len(spaces)))
+        for a, b in self.group_links:
+            guf.union(remap[a], remap[b])
+        for s in spaces:
+            s.group_class = min(i for i in range(len(spaces)) if guf[i] == guf[s.id])
+
+
+def _replace_space(sl: Slice, sid: int) -> Slice:
+    from dataclasses import replace
+
+    return replace(sl, space=sid)

@@ -1,0 +1,14 @@
+"""hmir: merge trained PyTorch models of different architectures, without training.
+
+Example::
+
+    >>> from hmir import compile_merge
+    >>> result = compile_merge(model_a, model_b, calib_batches, method="zip")   # doctest: +SKIP
+    >>> merged = result.module
+"""
+from hmir.errors import (CalibrationError, HMIRError, IncompatibleModelsError, LoweringError,
+                         MergeError, TraceError, UnsupportedOpError, VerificationError)
+
+__version__ = "0.1.0"
+__all__ = ["HMIRError", "LoweringError", "TraceError", "UnsupportedOpError", "VerificationError",
+           "IncompatibleModelsError", "CalibrationError", "MergeError"]

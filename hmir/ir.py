@@ -1,0 +1,130 @@
+"""The merge IR: spaces, parameter slices, observation points and joins of one model.
+
+A :class:`Space` is a feature axis whose units can be reordered without changing the
+model's function, provided every :class:`Slice` that touches it is reordered alike.
+A graph value's feature axis is an :data:`Axis`: a tuple of :class:`Segment` s laid end
+to end (a concat is several segments; a flatten of ``C×H×W`` is one segment whose
+units each expand to ``inner = H·W`` consecutive entries).
+
+Example::
+
+    >>> import torch.nn as nn
+    >>> from hmir.frontends import lower
+    >>> ir = lower(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 4))
+    >>> [s.width for s in ir.spaces]
+    [4, 8, 2]
+    >>> print(ir)            # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch.fx as fx
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of a space inside a tensor axis: entry ``o·(n·inner) + u·inner + i`` for unit u."""
+
+    space: int
+    inner: int = 1
+    outer: int = 1
+
+
+Axis = tuple  # tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """The part of one parameter (or buffer) dimension that belongs to a space.
+
+    ``offset`` is where the segment starts along ``dim``; ``inner``/``outer`` as in
+    :class:`Segment`. ``role`` is ``"out"`` (written by the op: conv/linear rows, norm
+    affine, biases) or ``"in"`` (read: conv/linear columns). ``grouped`` marks the
+    input dim of a grouped conv, which holds only the units of one group per row.
+    """
+
+    param: str
+    dim: int
+    space: int
+    role: str
+    offset: int = 0
+    inner: int = 1
+    outer: int = 1
+    grouped: bool = False
+
+
+@dataclass(frozen=True)
+class ObsPoint:
+    """A graph value (node name) where a space can be observed at ``dim`` from ``offset``."""
+
+    node: str
+    dim: int
+    offset: int
+
+
+@dataclass
+class Space:
+    """One permutation group. ``width`` is a sympy expression; ``group_size`` units per group."""
+
+    id: int
+    name: str
+    width: sympy.Expr
+    fixed: bool = False
+    fixed_reason: str = ""
+    group_size: int = 1
+    group_class: int = -1
+    slices: list[Slice] = field(default_factory=list)
+    points: list[ObsPoint] = field(default_factory=list)
+    joins: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        """The concrete width."""
+        return int(self.width)
+
+    @property
+    def groups(self) -> int:
+        return self.n // self.group_size
+
+    def producers(self) -> list[Slice]:
+        return [s for s in self.slices if s.role == "out"]
+
+    def consumers(self) -> list[Slice]:
+        return [s for s in self.slices if s.role == "in"]
+
+
+@dataclass
+class MergeIR:
+    """The lowered form of one model: its traced graph and its spaces.
+
+    ``param_dims`` lists, per parameter or buffer, which dims are feature dims (the
+    ones slices must cover exactly once); ``unsliced`` names tensors with no feature
+    dim and why (e.g. ``num_batches_tracked``). ``meta`` holds what passes compute.
+    """
+
+    name: str
+    graph_module: fx.GraphModule
+    spaces: list[Space]
+    param_dims: dict[str, tuple[int, ...]]
+    unsliced: dict[str, str]
+    frontend: str = "fx"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def space(self, sid: int) -> Space:
+        return self.spaces[sid]
+
+    @property
+    def free_spaces(self) -> list[Space]:
+        """The spaces that may be permuted and merged (all but the fixed ones)."""
+        return [s for s in self.spaces if not s.fixed]
+
+    def slices_of(self, param: str) -> list[Slice]:
+        return [sl for s in self.spaces for sl in s.slices if sl.param == param]
+
+    def __str__(self) -> str:
+        from hmir.printer import format_ir
+
+        return format_ir(self)

@@ -1,0 +1,74 @@
+"""Permutations of a lowered model's spaces: random ones, and applying them to a state dict.
+
+Applying a permutation to every free space of a model must leave its function unchanged;
+that is the frontend's proof of correctness (design property 1).
+
+Example::
+
+    >>> perms = random_permutation(ir, seed=0)
+    >>> state = permute_state(ir, model.state_dict(), perms)
+    >>> model_p = copy.deepcopy(model); model_p.load_state_dict(state)   # same outputs
+"""
+from __future__ import annotations
+
+import torch
+
+from hmir.ir import MergeIR, Slice
+from hmir.slicing import slice_index
+
+
+def random_permutation(ir: MergeIR, seed: int = 0) -> dict[int, torch.Tensor]:
+    """A random permutation of every free space, respecting group structure.
+
+    Spaces of one group class share the permutation of whole groups; units are permuted
+    freely within each group. Returns ``{space id: perm}`` with ``new[i] = old[perm[i]]``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    sigma: dict[int, torch.Tensor] = {}
+    perms = {}
+    for s in ir.free_spaces:
+        if s.group_class not in sigma:
+            sigma[s.group_class] = torch.randperm(s.groups, generator=g)
+        k = s.group_size
+        within = torch.stack([torch.randperm(k, generator=g) for _ in range(s.groups)])
+        perms[s.id] = (sigma[s.group_class].view(-1, 1) * k + within).flatten()
+    return perms
+
+
+def _permute_dim(t: torch.Tensor, sl: Slice, perm: torch.Tensor) -> torch.Tensor:
+    idx = slice_index(sl, len(perm))
+    full = torch.arange(t.shape[sl.dim])
+    full[idx.flatten()] = idx[:, perm, :].flatten()
+    return t.index_select(sl.dim, full)
+
+
+def _permute_grouped(t: torch.Tensor, sl: Slice, perm: torch.Tensor, k_in: int) -> torch.Tensor:
+    """Within-group reorder of a grouped conv's input dim (rows already permuted)."""
+    rows = t.shape[0]
+    k_out = rows // (len(perm) // k_in)
+    g = torch.arange(rows) // k_out
+    idx = perm.view(-1, k_in)[g] % k_in                     # (rows, k_in)
+    idx = idx.view(rows, k_in, *([1] * (t.dim() - 2))).expand_as(t)
+    return torch.gather(t, sl.dim, idx)
+
+
+def permute_state(ir: MergeIR, state: dict[str, torch.Tensor],
+                  perms: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A new state dict with every slice of every space in ``perms`` reordered.
+
+    ``state`` is not modified.
+    """
+    out = dict(state)
+    grouped = []
+    for s in ir.spaces:
+        perm = perms.get(s.id)
+        if perm is None:
+            continue
+        for sl in s.slices:
+            if sl.grouped:
+                grouped.append((sl, perm, s.group_size))
+            else:
+                out[sl.param] = _permute_dim(out[sl.param], sl, perm)
+    for sl, perm, k in grouped:
+        out[sl.param] = _permute_grouped(out[sl.param], sl, perm, k)
+    return out

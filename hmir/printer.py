@@ -1,0 +1,55 @@
+"""A readable text form of a :class:`~hmir.ir.MergeIR`.
+
+Example::
+
+    >>> print(format_ir(ir))                                  # doctest: +SKIP
+    MergeIR 'model a' (fx): 5 spaces, 2 fixed
+      %0 input:x:1  width 3  FIXED (model input)
+      %1 conv1      width 16
+          out conv1.weight[0]  bn1.weight[0] ...
+          in  layer1.0.conv1.weight[1] ...
+          observe relu@1
+"""
+from __future__ import annotations
+
+
+def _fmt_slice(sl) -> str:
+    extra = []
+    if sl.offset:
+        extra.append(f"+{sl.offset}")
+    if sl.inner > 1:
+        extra.append(f"×{sl.inner}")
+    if sl.outer > 1:
+        extra.append(f"outer {sl.outer}")
+    if sl.grouped:
+        extra.append("grouped")
+    return f"{sl.param}[{sl.dim}]" + (f"({', '.join(extra)})" if extra else "")
+
+
+def format_space(s) -> str:
+    head = f"  %{s.id} {s.name}  width {s.width}"
+    if s.group_size > 1:
+        head += f"  groups {s.groups}×{s.group_size} (class %{s.group_class})"
+    if s.fixed:
+        head += f"  FIXED ({s.fixed_reason})"
+    lines = [head]
+    for role, label in (("out", "out"), ("in", "in ")):
+        sl = [_fmt_slice(x) for x in s.slices if x.role == role]
+        if sl:
+            lines.append(f"      {label} " + "  ".join(sl))
+    if s.joins:
+        lines.append("      joins " + " ".join(s.joins))
+    if s.points:
+        lines.append("      observe " + " ".join(f"{p.node}@{p.dim}" + (f"+{p.offset}" if p.offset else "")
+                                             for p in s.points))
+    return "\n".join(lines)
+
+
+def format_ir(ir) -> str:
+    """Render every space with its slices, joins and observation points."""
+    fixed = sum(s.fixed for s in ir.spaces)
+    lines = [f"MergeIR '{ir.name}' ({ir.frontend}): {len(ir.spaces)} spaces, {fixed} fixed"]
+    lines += [format_space(s) for s in ir.spaces]
+    if ir.unsliced:
+        lines.append("  no feature dim: " + ", ".join(sorted(ir.unsliced)))
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""The IR verifier: coverage of every parameter, consistent widths, producers, groups.
+
+Example::
+
+    >>> verify(ir)          # raises VerificationError naming the first broken invariant
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from hmir.errors import VerificationError
+from hmir.ir import MergeIR
+from hmir.slicing import slice_index
+
+
+def verify(ir: MergeIR, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Check the invariants of ``ir`` against ``state`` (default: its graph module's state).
+
+    - every tensor of the state is either sliced on its feature dims or declared unsliced;
+    - along each feature dim, the slices cover every index exactly once;
+    - every free space has a producer and an observation point;
+    - spaces linked in one group class have the same number of groups.
+    """
+    state = ir.graph_module.state_dict() if state is None else state
+    problems: list[str] = []
+    problems += _check_declared(ir, state)
+    problems += _check_coverage(ir, state)
+    problems += _check_spaces(ir)
+    if problems:
+        raise VerificationError(f"{ir.name}: the merge IR is inconsistent:\n  - "
+                                + "\n  - ".join(problems[:20])
+                                + ("\n  ..." if len(problems) > 20 else ""))
+
+
+def _check_declared(ir: MergeIR, state) -> list[str]:
+    out = []
+    for name in state:
+        if name not in ir.param_dims and name not in ir.unsliced:
+            out.append(f"parameter '{name}' is not covered by any op rule (is it used through an "
+                       f"op hmir does not understand?)")
+    for name in ir.param_dims:
+        if name not in state:
+            out.append(f"a slice names '{name}', which is not a parameter or buffer of the model")
+    return out
+
+
+def _check_coverage(ir: MergeIR, state) -> list[str]:
+    by_dim = defaultdict(list)
+    for s in ir.spaces:
+        for sl in s.slices:
+            by_dim[(sl.param, sl.dim)].append((sl, s))
+    out = []
+    for (param, dim), items in by_dim.items():
+        if param not in state:
+            continue
+        t = state[param]
+        if dim >= t.dim():
+            out.append(f"'{param}' has no dim {dim} (shape {tuple(t.shape)})")
+            continue
+        count = torch.zeros(t.shape[dim], dtype=torch.long)
+        for sl, s in items:
+            n = s.group_size if sl.grouped else s.n
+            idx = slice_index(sl, n).flatten()
+            if idx.numel() and int(idx.max()) >= t.shape[dim]:
+                out.append(f"'{param}' dim {dim} (size {t.shape[dim]}) is shorter than its slice of "
+                           f"space '{s.name}' (width {s.n}, offset {sl.offset}, inner {sl.inner})")
+                continue
+            count.index_add_(0, idx, torch.ones_like(idx))
+        bad = (count != 1).nonzero().flatten()
+        if len(bad):
+            out.append(f"'{param}' dim {dim}: indices {bad[:8].tolist()} are covered "
+                       f"{count[bad[:8]].tolist()} times (each must be covered exactly once)")
+    return out
+
+
+def _check_spaces(ir: MergeIR) -> list[str]:
+    out = []
+    classes = defaultdict(set)
+    for s in ir.spaces:
+        classes[s.group_class].add(s.groups)
+        if s.fixed:
+            continue
+        if not s.producers():
+            out.append(f"free space '{s.name}' has no producer slice")
+        if not s.points:
+            out.append(f"free space '{s.name}' has no observation point")
+    for c, counts in classes.items():
+        if len(counts) > 1:
+            out.append(f"group class %{c} links spaces with different group counts {sorted(counts)}")
+    return out
