@@ -9,6 +9,8 @@ Example::
 from hmir.errors import (CalibrationError, HMIRError, IncompatibleModelsError, LoweringError,
                          MergeError, TraceError, UnsupportedOpError, VerificationError)
 
+from hmir.api import MergeResult, compile_merge  # noqa: E402
+
 __version__ = "0.1.0"
-__all__ = ["HMIRError", "LoweringError", "TraceError", "UnsupportedOpError", "VerificationError",
+__all__ = ["compile_merge", "MergeResult", "HMIRError", "LoweringError", "TraceError", "UnsupportedOpError", "VerificationError",
            "IncompatibleModelsError", "CalibrationError", "MergeError"]

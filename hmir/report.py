@@ -1,0 +1,62 @@
+"""The merge report: per-space widths and similarity, time per pass, notes.
+
+Example::
+
+    >>> print(result.report)          # doctest: +SKIP
+    hmir merge: model a (fx) + model b (fx), method zip
+    space                width A  width B  merged  similarity
+    ...
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SpaceReport:
+    name: str
+    width_a: int
+    width_b: int
+    width: int
+    similarity: float
+    fixed: bool
+
+
+@dataclass
+class MergeReport:
+    """What a merge did and what it cost."""
+
+    models: tuple[str, str]
+    frontends: tuple[str, str]
+    method: str
+    options: dict = field(default_factory=dict)
+    spaces: list[SpaceReport] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @contextmanager
+    def timed(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    @property
+    def mean_similarity(self) -> float:
+        vals = [s.similarity for s in self.spaces if not s.fixed and not math.isnan(s.similarity)]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    def __str__(self) -> str:
+        a, b = self.models
+        lines = [f"hmir merge: {a} ({self.frontends[0]}) + {b} ({self.frontends[1]}), "
+                 f"method {self.method} {self.options}",
+                 f"{'space':32s} {'width A':>8s} {'width B':>8s} {'merged':>7s} {'similarity':>10s}"]
+        for s in self.spaces:
+            sim = "fixed" if s.fixed else f"{s.similarity:10.4f}"
+            lines.append(f"{s.name[:32]:32s} {s.width_a:8d} {s.width_b:8d} {s.width:7d} {sim:>10s}")
+        lines.append(f"mean similarity of free spaces: {self.mean_similarity:.4f}")
+        lines.append("time per pass: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""observe: stream per-space statistics of A and B stacked, over calibration batches.
+
+For each pair of corresponding spaces, the features of A (nA) and B (nB) at paired
+observation points are stacked to ``nA + nB`` columns; the pass keeps only their sum,
+sum of outer products and count: memory is O((nA+nB)²) per space, never O(samples).
+
+Example::
+
+    >>> stats = observe(ir_a, ir_b, pairs, calibration, progress=False)
+    >>> stats[0].corr().shape            # (nA+nB, nA+nB)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from hmir.errors import CalibrationError
+from hmir.frontends.fx import eval_mode
+from hmir.ir import MergeIR, ObsPoint
+
+
+@dataclass
+class SpaceStats:
+    """Streaming moments of stacked features: sum, sum of outer products, count."""
+
+    total: torch.Tensor
+    outer: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def empty(cls, n: int, device) -> "SpaceStats":
+        z = torch.zeros(n, dtype=torch.float64, device=device)
+        return cls(z, torch.zeros(n, n, dtype=torch.float64, device=device))
+
+    def update(self, f: torch.Tensor) -> None:
+        f64 = f.to(torch.float64)
+        self.total += f64.sum(0)
+        self.outer += f64.T @ f64
+        self.count += f.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    def cov(self) -> torch.Tensor:
+        m = self.mean()
+        return self.outer / max(self.count, 1) - torch.outer(m, m)
+
+    def corr(self, eps: float = 1e-8) -> torch.Tensor:
+        """Correlation of the stacked features.
+
+        A constant (dead) feature has no correlation; it is given similarity 1 with other
+        constant features (each predicts the other exactly) and 0 with live ones, so that
+        dead twins still pair up (ties are broken by the match pass).
+        """
+        c = self.cov()
+        std = c.diagonal().clamp_min(0).sqrt()
+        live = std > eps ** 0.5
+        r = (c / torch.outer(std, std).clamp_min(eps)).clamp(-1, 1)
+        both_live = live[:, None] & live[None, :]
+        both_dead = ~live[:, None] & ~live[None, :]
+        r = torch.where(both_live, r, both_dead.to(r.dtype))
+        r.fill_diagonal_(1.0)
+        return r
+
+
+@dataclass(frozen=True)
+class SpacePair:
+    """Corresponding spaces of A and B with their paired observation points."""
+
+    a: int
+    b: int
+    points: tuple[tuple[ObsPoint, ObsPoint], ...]
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph module and keeps the features of watched nodes for one batch."""
+
+    def __init__(self, gm: fx.GraphModule, watch: dict[str, list[tuple[ObsPoint, int]]]):
+        super().__init__(gm)
+        self.watch, self.features = watch, {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        for pt, width in self.watch.get(n.name, ()):
+            f = out.narrow(pt.dim, pt.offset, width).movedim(pt.dim, -1)
+            self.features[pt] = f.reshape(-1, width).clone()  # later in-place ops must not alter it
+        return out
+
+
+def _watch(ir: MergeIR, pts) -> dict[str, list[tuple[ObsPoint, int]]]:
+    watch: dict[str, list] = {}
+    for pt, sid in pts:
+        watch.setdefault(pt.node, []).append((pt, ir.space(sid).n))
+    return watch
+
+
+def observe(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], data, *,
+            device=None, progress: bool = True) -> list[SpaceStats]:
+    """Stream statistics of every pair of spaces over ``data`` (an iterable of input batches)."""
+    gm_a, gm_b = ir_a.graph_module, ir_b.graph_module
+    device = device or next(gm_a.parameters()).device
+    dtype = next(gm_a.parameters()).dtype
+    rec_a = _Recorder(gm_a, _watch(ir_a, [(pa, p.a) for p in pairs for pa, _ in p.points]))
+    rec_b = _Recorder(gm_b, _watch(ir_b, [(pb, p.b) for p in pairs for _, pb in p.points]))
+    stats = [SpaceStats.empty(ir_a.space(p.a).n + ir_b.space(p.b).n, device) for p in pairs]
+    with eval_mode(gm_a), eval_mode(gm_b):
+        for i, x in enumerate(tqdm(data, desc="observe", disable=not progress, leave=False)):
+            x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+            for rec, name in ((rec_a, ir_a.name), (rec_b, ir_b.name)):
+                rec.features = {}
+                try:
+                    rec.run(x)
+                except Exception as e:
+                    raise CalibrationError(f"calibration batch {i} of shape {tuple(x.shape)} could "
+                                           f"not be run by {name}: {e}") from e
+            for p, st in zip(pairs, stats):
+                for pa, pb in p.points:
+                    st.update(torch.cat([rec_a.features[pa], rec_b.features[pb]], dim=1))
+    return stats

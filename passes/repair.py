@@ -1,0 +1,47 @@
+"""repair: reset the merged model's normalisation statistics on calibration data.
+
+BatchNorm running statistics of a merged model are averages of the parents' and do not
+describe the merged features; recomputing them (cumulative average: momentum None, only
+the norm layers in train mode, everything else in eval) restores accuracy.
+
+Example::
+
+    >>> n = repair(merged_module, calibration, progress=False)    # number of norms reset
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+_NORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+def has_norms(module: nn.Module) -> bool:
+    """Whether ``module`` has any norm layer with running statistics."""
+    return any(isinstance(m, _NORMS) and m.track_running_stats for m in module.modules())
+
+
+def repair(module: nn.Module, data, *, progress: bool = True) -> int:
+    """Recompute running stats of every BatchNorm of ``module`` (in place) over ``data``."""
+    norms = [m for m in module.modules() if isinstance(m, _NORMS) and m.track_running_stats]
+    if not norms:
+        return 0
+    p = next(module.parameters())
+    saved = {m: (m.momentum, m.training) for m in module.modules() if isinstance(m, _NORMS)}
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        with torch.no_grad():
+            for x in tqdm(data, desc="repair", disable=not progress, leave=False):
+                module(x.to(device=p.device, dtype=p.dtype if x.is_floating_point() else x.dtype))
+    finally:
+        for m, (mom, _) in saved.items():
+            m.momentum = mom
+        for m, t in flags.items():
+            m.training = t
+    return len(norms)
