@@ -39,3 +39,7 @@ class CalibrationError(HMIRError):
 
 class MergeError(HMIRError):
     """A pass failed (matching, fusing, repair)."""
+
+
+class ExportError(HMIRError):
+    """A model could not be exported to ONNX, or the export does not match torch."""

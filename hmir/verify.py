@@ -52,6 +52,10 @@ def _check_coverage(ir: MergeIR, state) -> list[str]:
         for sl in s.slices:
             by_dim[(sl.param, sl.dim)].append((sl, s))
     out = []
+    for param, dims in ir.param_dims.items():
+        for dim in dims:
+            if (param, dim) not in by_dim:
+                out.append(f"'{param}' dim {dim} is a feature dim but no space's slice covers it")
     for (param, dim), items in by_dim.items():
         if param not in state:
             continue

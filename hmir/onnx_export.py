@@ -1,0 +1,295 @@
+"""Export a (merged) PyTorch model to ONNX and prove the export matches torch.
+
+The export uses the default ``torch.onnx.export(..., dynamo=True)`` exporter with a
+dynamic batch dimension, then checks the file with ``onnx.checker`` and runs it with
+onnxruntime on two batch sizes, comparing every output with the torch module.
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> from hmir.onnx_export import export_onnx
+    >>> res = export_onnx(nn.Linear(4, 2), torch.randn(2, 4), "/tmp/lin.onnx")
+    >>> res.max_abs_diff <= 1e-4
+    True
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+
+from hmir.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OnnxExport", "export_onnx"]
+
+# Protobuf cannot hold a model over 2 GiB: larger weights go to a ``<path>.data`` file.
+_EXTERNAL_DATA_BYTES = 1_800_000_000
+_HINT = (
+    "Hint: the module must be traceable by torch.export (no data-dependent control "
+    "flow) and must not hard-code the batch size (use x.flatten(1), not x.view(2, -1))."
+)
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What :func:`export_onnx` produced.
+
+    Example::
+
+        >>> r = OnnxExport(Path("m.onnx"), 1e-6, ("CPUExecutionProvider",), 18, 0.5)
+        >>> r.opset
+        18
+    """
+
+    path: Path
+    max_abs_diff: float
+    providers: tuple[str, ...]
+    opset: int
+    export_seconds: float
+
+
+def export_onnx(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    check: bool = True,
+    atol: float = 1e-4,
+    opset: int | None = None,
+) -> OnnxExport:
+    """Export ``module`` to ONNX at ``path`` with a dynamic batch dimension.
+
+    A CPU float32 eval-mode deep copy is exported; ``module`` itself is not touched.
+    The file is checked with ``onnx.checker`` and run with onnxruntime on ``example``
+    and on a batch of another size; ``max_abs_diff`` is the largest difference from
+    torch over both. With ``check``, a diff above ``atol`` raises :class:`ExportError`.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Sequential(nn.Linear(8, 4), nn.ReLU())
+        >>> res = export_onnx(net, torch.randn(1, 8), "/tmp/net.onnx")
+        >>> res.path.name, res.max_abs_diff < 1e-4
+        ('net.onnx', True)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = _cpu_eval_copy(module)
+    x = _as_batch(example)
+    seconds = _run_exporter(model, x, path, opset)
+    _check_file(path)
+    session = _session(path)
+    diff = max(_compare(session, model, x), _compare(session, model, _other_batch(x)))
+    result = OnnxExport(path, diff, tuple(session.get_providers()), _opset_of(path), seconds)
+    logger.info("exported %s to %s in %.1fs (opset %d, max |diff| %.3g, %s)",
+                type(module).__name__, path, seconds, result.opset, diff, result.providers[0])
+    if check and not diff <= atol:
+        raise ExportError(f"ONNX export {path} does not match torch: max |onnx - torch| = "
+                          f"{diff:.3g} > atol = {atol:g}")
+    return result
+
+
+def _cpu_eval_copy(module: nn.Module) -> nn.Module:
+    """Deep-copy ``module`` to CPU float32 in eval mode, leaving the original as it was.
+
+    Example::
+
+        >>> m = nn.Linear(2, 2).train(); c = _cpu_eval_copy(m)
+        >>> m.training, c.training
+        (True, False)
+    """
+    model = copy.deepcopy(module).to("cpu").float()  # float() casts floating tensors only
+    return model.eval().requires_grad_(False)
+
+
+def _as_batch(example: torch.Tensor) -> torch.Tensor:
+    """CPU (float32 if floating) copy of ``example`` with at least 2 rows.
+
+    Example::
+
+        >>> _as_batch(torch.ones(1, 3, dtype=torch.float16)).shape
+        torch.Size([2, 3])
+    """
+    if not isinstance(example, torch.Tensor) or example.dim() == 0:
+        raise ExportError("export_onnx needs an example tensor with a batch dimension")
+    x = example.detach().to("cpu")
+    x = x.float() if x.is_floating_point() else x.clone()
+    # A dynamic dimension of size 1 gets specialised by torch.export.
+    return x.repeat(2, *[1] * (x.dim() - 1)) if x.shape[0] == 1 else x
+
+
+def _other_batch(x: torch.Tensor) -> torch.Tensor:
+    """A batch one row larger than ``x`` (rows reused, floats slightly perturbed).
+
+    Example::
+
+        >>> _other_batch(torch.zeros(2, 4)).shape
+        torch.Size([3, 4])
+    """
+    idx = torch.arange(x.shape[0] + 1) % x.shape[0]
+    y = x[idx].clone()
+    if y.is_floating_point():
+        scale = float(y.std()) if y.numel() > 1 else 1.0
+        noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+        y += 0.1 * (scale or 1.0) * noise
+    return y
+
+
+def _run_exporter(model: nn.Module, x: torch.Tensor, path: Path, opset: int | None) -> float:
+    """Run the dynamo exporter quietly; return its wall time in seconds.
+
+    Example::
+
+        >>> _run_exporter(nn.Linear(3, 1).eval(), torch.randn(2, 3), Path("/tmp/a.onnx"), None) > 0
+        True
+    """
+    external = _param_bytes(model) > _EXTERNAL_DATA_BYTES
+    chatter = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(chatter), torch.no_grad():
+            torch.onnx.export(model, (x,), path, dynamo=True, verbose=False,
+                              opset_version=opset, external_data=external,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as e:  # the exporter raises many unrelated types
+        msg = re.sub(r"\x1b\[[0-9;]*m", "", f"{e}\n{chatter.getvalue()[-2000:]}")  # no colours
+        raise ExportError(f"ONNX export of {type(model).__name__} to {path} failed: "
+                          f"{type(e).__name__}: {msg}{_HINT}") from e
+    if chatter.getvalue():
+        logger.debug("exporter output:\n%s", chatter.getvalue())
+    return time.perf_counter() - start
+
+
+def _param_bytes(model: nn.Module) -> int:
+    """Bytes held by the parameters and buffers of ``model`` (``nn.Linear(2, 2)``: 24)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _check_file(path: Path) -> None:
+    """Run ``onnx.checker`` on the saved file (by path, so external data works).
+
+    Example::
+
+        >>> _check_file(Path("/tmp/lin.onnx"))  # raises ExportError if invalid
+    """
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except Exception as e:
+        raise ExportError(f"ONNX file {path} fails onnx.checker: {e}") from e
+
+
+def _opset_of(path: Path) -> int:
+    """The default-domain opset version of the ONNX file at ``path``.
+
+    Example::
+
+        >>> _opset_of(Path("/tmp/lin.onnx")) >= 18
+        True
+    """
+    proto = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _providers() -> list[str]:
+    """CUDA then CPU when both onnxruntime and torch see a GPU, else CPU only.
+
+    Example::
+
+        >>> _providers()[-1]
+        'CPUExecutionProvider'
+    """
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if cuda and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    """An onnxruntime session on ``path`` that logs only errors.
+
+    Example::
+
+        >>> _session(Path("/tmp/lin.onnx")).get_inputs()[0].shape[0]
+        'batch'
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=_providers())
+    except Exception as e:
+        raise ExportError(f"onnxruntime cannot load {path}: {e}") from e
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    """The tensors of a module output (tensor, tuple/list or dict), in ONNX order.
+
+    Example::
+
+        >>> len(_flatten((torch.ones(1), [torch.ones(2)])))
+        2
+    """
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten(o)]
+    raise ExportError(f"cannot compare a module output of type {type(out).__name__}")
+
+
+def _compare(session: ort.InferenceSession, model: nn.Module, x: torch.Tensor) -> float:
+    """Max absolute difference of every output of ``session`` and ``model`` on ``x``.
+
+    Example::
+
+        >>> m = nn.Linear(4, 2).eval()
+        >>> _ = _run_exporter(m, torch.randn(2, 4), Path("/tmp/l.onnx"), None)
+        >>> _compare(_session(Path("/tmp/l.onnx")), m, torch.randn(3, 4)) < 1e-5
+        True
+    """
+    try:
+        with torch.no_grad():
+            expected = [t.numpy() for t in _flatten(model(x))]
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    except Exception as e:
+        raise ExportError(f"a batch of {x.shape[0]} fails in torch or onnxruntime: "
+                          f"{type(e).__name__}: {e}\n{_HINT}") from e
+    if len(got) != len(expected):
+        logger.warning("ONNX model has %d outputs, torch %d", len(got), len(expected))
+        return float("inf")
+    return max((_abs_diff(np.asarray(g), e) for g, e in zip(got, expected)), default=0.0)
+
+
+def _abs_diff(got: np.ndarray, expected: np.ndarray) -> float:
+    """Max |got - expected|; NaN/inf count as equal only where both agree, shapes must match.
+
+    Example::
+
+        >>> _abs_diff(np.array([1.0, np.nan]), np.array([1.5, np.nan]))
+        0.5
+    """
+    if got.shape != expected.shape:
+        logger.warning("ONNX output shape %s != torch shape %s", got.shape, expected.shape)
+        return float("inf")
+    if got.size == 0:
+        return 0.0
+    a, b = got.astype(np.float64), expected.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        d = np.where(a == b, 0.0, np.abs(a - b))
+    d[np.isnan(a) & np.isnan(b)] = 0.0
+    return float(np.nan_to_num(d, nan=np.inf).max())
