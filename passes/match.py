@@ -49,12 +49,16 @@ def check_method(method: str) -> None:
 
 
 def producer_rows(ir: MergeIR, s: Space, state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each unit's producer weights (every "out" slice entry), one row per unit: (n, D)."""
+    """Each unit's producer entries (every "out" slice), sorted per slice: (n, D).
+
+    Sorting makes the descriptor independent of how the unit's *input* space is ordered,
+    so a unit and its twin in a permuted copy get identical rows.
+    """
     rows = []
     for sl in s.producers():
         idx = slice_index(sl, s.n)                                    # (outer, n, inner)
         t = state[sl.param].float().movedim(sl.dim, 0)
-        rows.append(t[idx.permute(1, 0, 2).reshape(-1)].reshape(s.n, -1))
+        rows.append(t[idx.permute(1, 0, 2).reshape(-1)].reshape(s.n, -1).sort(dim=1).values)
     return torch.cat(rows, 1)
 
 
