@@ -10,8 +10,7 @@ Example::
     >>> import torch
     >>> x = torch.randn(100, 4, dtype=torch.float64)
     >>> xx = torch.cat([x, x], 1)
-    >>> m = match_zip(correlation(xx.mean(0), xx.T.cov()), 4, 4)
-    >>> m.groups
+    >>> match_zip(correlation(xx.mean(0), xx.T.cov()), 4, 4).groups
     [(0, 4), (1, 5), (2, 6), (3, 7)]
 """
 from __future__ import annotations
@@ -65,8 +64,7 @@ def correlation(mean: torch.Tensor, cov: torch.Tensor, eps: float = 1e-8) -> tor
     """
     n = cov.shape[0]
     if cov.dim() != 2 or cov.shape != (n, n) or mean.shape != (n,):
-        raise MatchingError(f"need mean (n,) and cov (n, n), got {tuple(mean.shape)}, "
-                            f"{tuple(cov.shape)}")
+        raise MatchingError(f"need mean (n,), cov (n, n): got {mean.shape}, {cov.shape}")
     var = torch.diagonal(cov)
     live = var > eps
     std = torch.where(live, var, torch.ones_like(var)).sqrt()
@@ -107,8 +105,7 @@ def _build(groups: list[tuple[int, ...]], n: int, corr: torch.Tensor | None,
     rows = torch.tensor([g for g, grp in enumerate(groups) for _ in grp], dtype=torch.long)
     cols = torch.tensor([m for grp in groups for m in grp], dtype=torch.long)
     sizes = torch.tensor([len(grp) for grp in groups], dtype=dtype)
-    M = torch.zeros(r, n, dtype=dtype)
-    U = torch.zeros(n, r, dtype=dtype)
+    M, U = torch.zeros(r, n, dtype=dtype), torch.zeros(n, r, dtype=dtype)
     M[rows, cols] = (1.0 / sizes)[rows]
     U[cols, rows] = 1.0
     return Match(M.to(device), U.to(device), groups, _score(corr, groups))
@@ -156,8 +153,7 @@ class _ZipState:
 
     def __init__(self, corr: torch.Tensor, nA: int, nB: int, alpha: float, beta: float):
         dev = corr.device
-        self.n, self.alpha = nA + nB, alpha
-        self.S = 0.5 * (corr + corr.T)
+        self.n, self.alpha, self.S = nA + nB, alpha, 0.5 * (corr + corr.T).detach()
         self.alive = torch.ones(self.n, dtype=torch.bool, device=dev)
         self.cols = torch.arange(self.n, device=dev)
         self.kinds = [0] * nA + [1] * nB  # 0: only A, 1: only B, 2: mixed
@@ -165,8 +161,7 @@ class _ZipState:
         self.members = [[k] for k in range(self.n)]
         self.caps = [math.floor(beta * nA + 1e-9), math.floor(beta * nB + 1e-9)]
         self.used = [0, 0]
-        self.exhausted = torch.tensor([self.caps[0] == 0, self.caps[1] == 0, False],
-                                      device=dev)
+        self.exhausted = torch.tensor([c == 0 for c in self.caps] + [False], device=dev)
 
     def blocked(self, rows: torch.Tensor) -> torch.Tensor:
         """(len(rows), n) mask of pairs that are within-model for an exhausted model."""
@@ -176,11 +171,9 @@ class _ZipState:
     def merge(self, i: int, j: int) -> int | None:
         """Merge j into i (i < j); returns the model whose budget just ran out, if any."""
         row = self.alpha * torch.minimum(self.S[i], self.S[j])
-        self.S[i] = row
-        self.S[:, i] = row
+        self.S[i], self.S[:, i] = row, row  # S stays symmetric
         self.alive[j] = False
-        self.members[i] += self.members[j]
-        self.members[j] = []
+        self.members[i], self.members[j] = self.members[i] + self.members[j], []
         ki, kj = self.kinds[i], self.kinds[j]
         self.kinds[i] = ki if ki == kj else 2
         self.kind[i] = self.kinds[i]
@@ -192,10 +185,12 @@ class _ZipState:
         return None
 
     def stuck(self, done: int, needed: int) -> MatchingError:
+        """The error for a run that cannot make the merges it needs."""
         return MatchingError(f"zip: only {done} of {needed} merges possible under the "
                              f"within-model budget {self.caps} (raise beta or r)")
 
     def result(self, corr: torch.Tensor) -> Match:
+        """The Match of the current groups, ordered by their smallest member."""
         groups = [tuple(sorted(m)) for m in self.members if m]
         return _build(groups, self.n, corr, corr.device, corr.dtype)
 
@@ -223,8 +218,7 @@ def zip_reference(corr: torch.Tensor, nA: int, nB: int, r: int | None = None, *,
         [(0, 3), (1, 2)]
     """
     r = _zip_args(corr, nA, nB, r, alpha, beta)
-    st = _ZipState(corr, nA, nB, alpha, beta)
-    n = st.n
+    st, n = _ZipState(corr, nA, nB, alpha, beta), nA + nB
     upper = torch.ones(n, n, dtype=torch.bool, device=corr.device).triu(1)
     for step in range(n - r):
         valid = upper & st.alive[:, None] & st.alive[None, :] & ~st.blocked(st.cols)
@@ -239,8 +233,7 @@ def zip_reference(corr: torch.Tensor, nA: int, nB: int, r: int | None = None, *,
 def _refresh(st: _ZipState, rows: torch.Tensor, rowmax: torch.Tensor,
              rowarg: torch.Tensor) -> None:
     """Recompute max / first argmax over allowed alive columns c > row, for ``rows``."""
-    cols = st.cols
-    chunk = max(1, (1 << 21) // max(st.n, 1))
+    cols, chunk = st.cols, max(1, (1 << 21) // max(st.n, 1))
     for lo in range(0, rows.numel(), chunk):
         rr = rows[lo:lo + chunk]
         ok = st.alive[None, :] & (cols[None, :] > rr[:, None]) & ~st.blocked(rr)
@@ -256,10 +249,10 @@ def _after_merge(st: _ZipState, i: int, j: int, rowmax: torch.Tensor,
     """Patch the row caches for column i's new values; returns the rows to recompute."""
     rowmax[j], rowarg[j] = -math.inf, st.n
     lower = st.alive & (st.cols < i)
-    ki = st.kind[i]
-    shut = (st.kind == ki) & st.exhausted[ki]
+    shut = (st.kind == st.kind[i]) & st.exhausted[st.kind[i]]
     v = st.S[i].masked_fill(~lower | shut, -math.inf)
-    redo = (lower & (rowarg == i) & (v < rowmax)) | (st.alive & (rowarg == j))
+    # Only rows k < i can point at i; dead rows hold (-inf, n), so neither term needs a mask.
+    redo = ((rowarg == i) & (v < rowmax)) | (rowarg == j)
     better = (v > -math.inf) & ((v > rowmax) | ((v == rowmax) & (rowarg > i)))
     rowmax.copy_(torch.where(better, v, rowmax))
     rowarg.masked_fill_(better, i)
@@ -273,8 +266,8 @@ def match_zip(corr: torch.Tensor, nA: int, nB: int, r: int | None = None, *,
 
     Merges the most similar allowed alive pair (ties: smallest (i, j)); a merged feature's
     similarity to k becomes ``alpha * min(S[i,k], S[j,k])``; model m may merge within
-    itself at most ``floor(beta * n_m)`` times. Row maxima over columns c > row are cached
-    and only the rows a merge can affect are recomputed.
+    itself at most ``floor(beta * n_m)`` times. Caches each row's max over columns c > row
+    and recomputes only the rows a merge affects; on CPU the loop runs on one thread.
 
     Example::
 
@@ -287,15 +280,21 @@ def match_zip(corr: torch.Tensor, nA: int, nB: int, r: int | None = None, *,
     rowmax = torch.full((st.n,), -math.inf, dtype=corr.dtype, device=corr.device)
     rowarg = torch.full((st.n,), st.n, dtype=torch.long, device=corr.device)
     _refresh(st, st.cols, rowmax, rowarg)
-    for step in range(st.n - r):
-        i = int(torch.argmax(rowmax))
-        j = int(rowarg[i])
-        if j >= st.n:
-            raise st.stuck(step, st.n - r)
-        ran_out = st.merge(i, j)
-        rows = _after_merge(st, i, j, rowmax, rowarg)
-        if ran_out is not None:
-            block = torch.nonzero(st.alive & (st.kind == ran_out)).squeeze(1)
-            rows = torch.unique(torch.cat([rows, block]))
-        _refresh(st, rows, rowmax, rowarg)
+    threads = torch.get_num_threads()
+    if corr.device.type == "cpu":  # tiny ops per step: more threads only stall a busy CPU
+        torch.set_num_threads(1)
+    try:
+        for step in range(st.n - r):
+            i = int(torch.argmax(rowmax))
+            j = int(rowarg[i])
+            if j >= st.n:
+                raise st.stuck(step, st.n - r)
+            ran_out = st.merge(i, j)
+            rows = _after_merge(st, i, j, rowmax, rowarg)
+            if ran_out is not None:
+                block = torch.nonzero(st.alive & (st.kind == ran_out)).squeeze(1)
+                rows = torch.unique(torch.cat([rows, block]))
+            _refresh(st, rows, rowmax, rowarg)
+    finally:
+        torch.set_num_threads(threads)
     return st.result(corr)

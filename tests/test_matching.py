@@ -10,6 +10,15 @@ from hmir.matching import (Match, MatchingError, correlation, match_avg, match_p
                            match_zip, zip_reference)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensor ops: one thread avoids OpenMP stalls when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _corr_of(data: torch.Tensor) -> torch.Tensor:
     """Correlation of the columns of ``data`` (samples, n)."""
     return correlation(data.mean(0), data.T.cov())
@@ -117,8 +126,8 @@ def test_zip_fast_equals_reference_large() -> None:
     gen = torch.Generator().manual_seed(4)
     n = 512
     corr = _corr_of(torch.randn(64, 2 * n, generator=gen))
-    _assert_same(corr, n, n, n, 0.5, 0.5)
-    _assert_same(torch.round(corr, decimals=1), n, n, 700, 0.3, 0.25)
+    _assert_same(corr, n, n, 2 * n - 150, 0.5, 0.5)  # the reference is slow: few merges
+    _assert_same(torch.round(corr, decimals=1), n, n, 2 * n - 150, 0.3, 0.05)  # budgets run out
 
 
 def test_zip_alpha_zero_and_beta_zero() -> None:
@@ -173,3 +182,11 @@ def test_correlation_zero_variance() -> None:
     torch.testing.assert_close(c[0, 1], torch.corrcoef(x.T)[0, 1])
     with pytest.raises(ValueError):
         correlation(torch.zeros(3), torch.eye(4))
+
+
+def test_zip_restores_thread_count() -> None:
+    torch.set_num_threads(2)
+    match_zip(_random_corr(12, torch.Generator().manual_seed(9)), 6, 6)
+    with pytest.raises(ValueError):
+        match_zip(torch.eye(4), 4, 0, r=1)
+    assert torch.get_num_threads() == 2
