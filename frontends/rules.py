@@ -319,6 +319,12 @@ class Reshape:
         ctx.node.meta["hmir_shape_args"] = True
         if tuple(x.shape) == out:
             return ctx.emit(dict(x.axes), raw=x.raw, sources=(x,))
+        big_in = [d for d, n in enumerate(x.shape) if n != 1]
+        big_out = [d for d, n in enumerate(out) if n != 1]
+        if [x.shape[d] for d in big_in] == [out[d] for d in big_out] and \
+                all(d in big_in for d in x.axes):          # only size-1 dims added/removed
+            where = dict(zip(big_in, big_out))
+            return ctx.emit({where[d]: a for d, a in x.axes.items()}, raw=x.raw, sources=(x,))
         lo = 0
         while lo < min(len(out), x.ndim) and x.shape[lo] == out[lo]:
             lo += 1

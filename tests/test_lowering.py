@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from conftest import randomized, rel_err, torchvision_model
 from hmir import zoo
@@ -108,3 +109,41 @@ def test_printer_names_spaces_and_slices():
     text = str(ir)
     assert "FIXED (model input)" in text and "FIXED (model output)" in text
     assert "fc.weight[1]" in text and "joins" in text
+
+
+class MixedOps(nn.Module):
+    """Conv1d, BatchNorm1d, view-flatten, LayerNorm, functional activations, SE-style gating."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.dw = nn.Conv1d(8, 8, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm1d(8)
+        self.se = nn.Linear(8, 8)
+        self.fc1 = nn.Linear(8 * 6, 32)
+        self.ln = nn.LayerNorm(32)
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(32, 32)
+        self.bn2 = nn.BatchNorm1d(32)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = F.gelu(self.bn(self.dw(torch.relu(self.conv(x)))))
+        gate = torch.sigmoid(self.se(h.mean(2)))
+        h = h * gate.view(h.size(0), 8, 1)
+        h = h.view(h.size(0), -1)
+        h = self.drop(self.ln(self.fc1(h)))
+        h = F.silu(self.bn2(self.fc2(h))) + h
+        return self.out(h)
+
+
+def test_mixed_ops_permutation_invariance():
+    ir = assert_permutation_invariant(MixedOps(), torch.randn(5, 4, 6))
+    fc1_in = [sl for s in ir.spaces for sl in s.slices if sl.param == "fc1.weight" and sl.role == "in"]
+    assert fc1_in[0].inner == 6
+    joined = [s for s in ir.spaces if "ln.weight" in {sl.param for sl in s.slices}]
+    assert joined and "bn2.weight" in {sl.param for sl in joined[0].slices}
+
+
+def test_mlp_permutation_invariance():
+    assert_permutation_invariant(zoo.mlp(12, (16, 16), 3), torch.randn(4, 12))
