@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hmir.errors import HMIRError
-from hmir.frontends.rules import (Affine, Cat, Flatten, GetItem, LayerNormRule, Meta, ParamOp,
-                                  Permute, Pointwise, Reduce, Reshape, Spatial)
+from hmir.frontends.rules import Affine, GetItem, LayerNormRule, Meta, ParamOp, Pointwise, Spatial
+from hmir.frontends.shape_rules import Cat, Flatten, Permute, Reduce, Reshape
 
 PW, SP, META = Pointwise(), Spatial(), Meta()
 CONV = ParamOp(in_dim=1, groups="groups", name="conv")
