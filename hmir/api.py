@@ -34,6 +34,7 @@ from hmir.passes.observe import observe
 from hmir.passes.repair import has_norms
 from hmir.passes.repair import repair as repair_module
 from hmir.report import MergeReport, SpaceReport
+from hmir.verify import verify
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", alph
     report.notes += notes
     with report.timed("fuse"):
         state = fuse(ir_a, ir_b, pairs, matches, state_a, state_b)
+        verify(ir_a, state)                 # the merged tensors still fit the IR exactly
     with report.timed("emit"):
         module = emit(ir_a, state)
     if repair and has_norms(module):
