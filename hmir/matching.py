@@ -69,8 +69,7 @@ def correlation(mean: torch.Tensor, cov: torch.Tensor, eps: float = 1e-8) -> tor
     live = var > eps
     std = torch.where(live, var, torch.ones_like(var)).sqrt()
     corr = (cov / std[:, None] / std[None, :]).clamp(-1.0, 1.0)
-    corr = corr * (live[:, None] & live[None, :])
-    return corr.fill_diagonal_(1.0)
+    return (corr * (live[:, None] & live[None, :])).fill_diagonal_(1.0)
 
 
 def _check_corr(corr: torch.Tensor, nA: int, nB: int) -> torch.Tensor:
@@ -85,30 +84,32 @@ def _check_corr(corr: torch.Tensor, nA: int, nB: int) -> torch.Tensor:
     return corr
 
 
-def _score(corr: torch.Tensor | None, groups: list[tuple[int, ...]]) -> float:
-    """Mean over groups of size ≥ 2 of the mean pairwise ``corr`` of their members."""
-    if corr is None:
-        return math.nan
-    vals = []
-    for g in groups:
-        if len(g) >= 2:
-            idx = torch.tensor(g, device=corr.device)
-            sub = torch.triu(corr[idx][:, idx], 1)
-            vals.append(float(sub.sum()) / (len(g) * (len(g) - 1) / 2))
-    return sum(vals) / len(vals) if vals else 0.0
+def _score(corr: torch.Tensor | None, label: torch.Tensor, sizes: torch.Tensor) -> float:
+    """Mean over groups g of size ≥ 2 (``label[p]`` = p's group) of mean corr[p, q], p ≠ q."""
+    big = sizes >= 2
+    if corr is None or not bool(big.any()):
+        return math.nan if corr is None else 0.0
+    n, chunk = corr.shape[0], max(1, (1 << 22) // max(corr.shape[0], 1))
+    own = torch.cat([torch.where(label[lo:lo + chunk, None] == label[None, :],
+                                 corr[lo:lo + chunk], 0).sum(1) for lo in range(0, n, chunk)])
+    own = (own - torch.diagonal(corr)).double()
+    per = torch.zeros(len(sizes), dtype=torch.float64, device=corr.device)
+    per.index_add_(0, label, own)
+    return float((per[big] / (sizes[big] * (sizes[big] - 1))).mean())
 
 
 def _build(groups: list[tuple[int, ...]], n: int, corr: torch.Tensor | None,
            device: torch.device | str | None, dtype: torch.dtype) -> Match:
     """Assemble the ``Match`` (M, U, score) from groups ordered by their smallest member."""
-    r = len(groups)
     rows = torch.tensor([g for g, grp in enumerate(groups) for _ in grp], dtype=torch.long)
     cols = torch.tensor([m for grp in groups for m in grp], dtype=torch.long)
-    sizes = torch.tensor([len(grp) for grp in groups], dtype=dtype)
-    M, U = torch.zeros(r, n, dtype=dtype), torch.zeros(n, r, dtype=dtype)
-    M[rows, cols] = (1.0 / sizes)[rows]
+    sizes = torch.tensor([len(grp) for grp in groups], dtype=torch.float64)
+    M, U = torch.zeros(len(groups), n, dtype=dtype), torch.zeros(n, len(groups), dtype=dtype)
+    M[rows, cols] = (1.0 / sizes).to(dtype)[rows]
     U[cols, rows] = 1.0
-    return Match(M.to(device), U.to(device), groups, _score(corr, groups))
+    label = torch.empty(n, dtype=torch.long).index_put_((cols,), rows)
+    dev = corr.device if corr is not None else "cpu"
+    return Match(M.to(device), U.to(device), groups, _score(corr, label.to(dev), sizes.to(dev)))
 
 
 def match_avg(nA: int, nB: int, *, corr: torch.Tensor | None = None,
@@ -158,9 +159,8 @@ class _ZipState:
         self.cols = torch.arange(self.n, device=dev)
         self.kinds = [0] * nA + [1] * nB  # 0: only A, 1: only B, 2: mixed
         self.kind = torch.tensor(self.kinds, dtype=torch.long, device=dev)
-        self.members = [[k] for k in range(self.n)]
+        self.members, self.used = [[k] for k in range(self.n)], [0, 0]
         self.caps = [math.floor(beta * nA + 1e-9), math.floor(beta * nB + 1e-9)]
-        self.used = [0, 0]
         self.exhausted = torch.tensor([c == 0 for c in self.caps] + [False], device=dev)
 
     def blocked(self, rows: torch.Tensor) -> torch.Tensor:
@@ -276,14 +276,14 @@ def match_zip(corr: torch.Tensor, nA: int, nB: int, r: int | None = None, *,
         [(0, 3), (1,), (2,)]
     """
     r = _zip_args(corr, nA, nB, r, alpha, beta)
-    st = _ZipState(corr, nA, nB, alpha, beta)
-    rowmax = torch.full((st.n,), -math.inf, dtype=corr.dtype, device=corr.device)
-    rowarg = torch.full((st.n,), st.n, dtype=torch.long, device=corr.device)
-    _refresh(st, st.cols, rowmax, rowarg)
     threads = torch.get_num_threads()
     if corr.device.type == "cpu":  # tiny ops per step: more threads only stall a busy CPU
         torch.set_num_threads(1)
     try:
+        st = _ZipState(corr, nA, nB, alpha, beta)
+        rowmax = torch.full((st.n,), -math.inf, dtype=corr.dtype, device=corr.device)
+        rowarg = torch.full((st.n,), st.n, dtype=torch.long, device=corr.device)
+        _refresh(st, st.cols, rowmax, rowarg)
         for step in range(st.n - r):
             i = int(torch.argmax(rowmax))
             j = int(rowarg[i])
@@ -295,6 +295,6 @@ def match_zip(corr: torch.Tensor, nA: int, nB: int, r: int | None = None, *,
                 block = torch.nonzero(st.alive & (st.kind == ran_out)).squeeze(1)
                 rows = torch.unique(torch.cat([rows, block]))
             _refresh(st, rows, rowmax, rowarg)
+        return st.result(corr)
     finally:
         torch.set_num_threads(threads)
-    return st.result(corr)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from hmir.errors import CalibrationError
 from hmir.frontends.fx import eval_mode
 from hmir.ir import MergeIR, ObsPoint
+from hmir.matching import correlation
 
 
 @dataclass
@@ -56,14 +57,9 @@ class SpaceStats:
         dead twins still pair up (ties are broken by the match pass).
         """
         c = self.cov()
-        std = c.diagonal().clamp_min(0).sqrt()
-        live = std > eps ** 0.5
-        r = (c / torch.outer(std, std).clamp_min(eps)).clamp(-1, 1)
-        both_live = live[:, None] & live[None, :]
-        both_dead = ~live[:, None] & ~live[None, :]
-        r = torch.where(both_live, r, both_dead.to(r.dtype))
-        r.fill_diagonal_(1.0)
-        return r
+        r = correlation(self.mean(), c, eps)
+        dead = c.diagonal() <= eps
+        return torch.where(dead[:, None] & dead[None, :], torch.ones_like(r), r)
 
 
 @dataclass(frozen=True)
