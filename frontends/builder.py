@@ -173,7 +173,10 @@ class Builder:
 
     def finalize(self, frontend: str) -> MergeIR:
         self._tie_shared_params()
-        roots = sorted({self.uf[i] for i in range(len(self.raw))}, key=lambda r: min(self._members(r)))
+        self._groups: dict[int, list[int]] = {}
+        for i in range(len(self.raw)):
+            self._groups.setdefault(self.uf[i], []).append(i)
+        roots = sorted(self._groups, key=lambda r: self._groups[r][0])
         new_id = {r: k for k, r in enumerate(roots)}
         remap = {i: new_id[self.uf[i]] for i in range(len(self.raw))}
         spaces = [self._make_space(k, r) for k, r in enumerate(roots)]
@@ -190,7 +193,7 @@ class Builder:
         return MergeIR(self.model_name, self.gm, spaces, dims, dict(self.unsliced), frontend)
 
     def _members(self, root: int) -> list[int]:
-        return [i for i in range(len(self.raw)) if self.uf[i] == root]
+        return self._groups[root]
 
     def _make_space(self, k: int, root: int) -> Space:
         members = [self.raw[i] for i in self._members(root)]
@@ -206,8 +209,9 @@ class Builder:
         guf = UnionFind(range(len(spaces)))
         for a, b in self.group_links:
             guf.union(remap[a], remap[b])
+        first: dict[int, int] = {}
         for s in spaces:
-            s.group_class = min(i for i in range(len(spaces)) if guf[i] == guf[s.id])
+            s.group_class = first.setdefault(guf[s.id], s.id)
 
 
 def _replace_space(sl: Slice, sid: int) -> Slice:
