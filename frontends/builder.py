@@ -7,7 +7,7 @@ canonical :class:`~hmir.ir.Space` list of a :class:`~hmir.ir.MergeIR`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy
 import torch.fx as fx
@@ -173,15 +173,15 @@ class Builder:
 
     def finalize(self, frontend: str) -> MergeIR:
         self._tie_shared_params()
-        self._groups: dict[int, list[int]] = {}
+        members: dict[int, list[int]] = {}
         for i in range(len(self.raw)):
-            self._groups.setdefault(self.uf[i], []).append(i)
-        roots = sorted(self._groups, key=lambda r: self._groups[r][0])
+            members.setdefault(self.uf[i], []).append(i)
+        roots = sorted(members, key=lambda r: members[r][0])
         new_id = {r: k for k, r in enumerate(roots)}
         remap = {i: new_id[self.uf[i]] for i in range(len(self.raw))}
-        spaces = [self._make_space(k, r) for k, r in enumerate(roots)]
+        spaces = [self._make_space(k, members[r]) for k, r in enumerate(roots)]
         for sl in dict.fromkeys(self.slices):
-            spaces[remap[sl.space]].slices.append(_replace_space(sl, remap[sl.space]))
+            spaces[remap[sl.space]].slices.append(replace(sl, space=remap[sl.space]))
         for sid, pt in dict.fromkeys(self.points):
             if pt not in spaces[remap[sid]].points:
                 spaces[remap[sid]].points.append(pt)
@@ -192,11 +192,8 @@ class Builder:
         dims = {p: tuple(sorted(d)) for p, d in self.param_dims.items()}
         return MergeIR(self.model_name, self.gm, spaces, dims, dict(self.unsliced), frontend)
 
-    def _members(self, root: int) -> list[int]:
-        return self._groups[root]
-
-    def _make_space(self, k: int, root: int) -> Space:
-        members = [self.raw[i] for i in self._members(root)]
+    def _make_space(self, k: int, ids: list[int]) -> Space:
+        members = [self.raw[i] for i in ids]
         fixed = "; ".join(sorted({m.fixed for m in members if m.fixed}))
         gsize = math.lcm(*[m.group_size for m in members])
         if any(m.group_size not in (1, gsize) for m in members):
@@ -212,9 +209,3 @@ class Builder:
         first: dict[int, int] = {}
         for s in spaces:
             s.group_class = first.setdefault(guf[s.id], s.id)
-
-
-def _replace_space(sl: Slice, sid: int) -> Slice:
-    from dataclasses import replace
-
-    return replace(sl, space=sid)

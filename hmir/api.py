@@ -114,11 +114,12 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", alph
         verify(ir_a, state)                 # the merged tensors still fit the IR exactly
     with report.timed("emit"):
         module = emit(ir_a, state)
-    if repair and has_norms(module):
+    norms = has_norms(module)
+    if repair and norms:
         with report.timed("repair"):
             n = repair_module(module, calib, progress=progress)
         report.notes.append(f"repair: reset the running statistics of {n} norm layers")
-    elif has_norms(module):
+    elif norms:
         report.notes.append("repair: off (norm statistics are the merged parents' averages)")
     for p, m in zip(pairs, matches):
         sa, sb = ir_a.space(p.a), ir_b.space(p.b)

@@ -11,6 +11,8 @@ Example::
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from hmir.errors import MergeError
@@ -55,17 +57,11 @@ def _transform(ir: MergeIR, side: int, t: torch.Tensor, slices: list[Slice],
         for sl in sorted((x for x in slices if x.dim == dim), key=lambda x: x.offset):
             s = ir.space(sl.space)
             mat = _side(mats[sl.space], side, n_a[sl.space], sl.role).to(t.device)
-            parts.append(apply_units(t, _dense(sl), s.n, mat))
+            parts.append(apply_units(t, replace(sl, grouped=False), s.n, mat))
         t = torch.cat(parts, dim) if len(parts) > 1 else parts[0]
     if grouped:
         t = _compress_grouped(t, ir.space(grouped[0].space).groups)
     return t
-
-
-def _dense(sl: Slice) -> Slice:
-    from dataclasses import replace
-
-    return replace(sl, grouped=False) if sl.grouped else sl
 
 
 def fuse(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], matches: list[Match],

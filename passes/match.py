@@ -85,9 +85,8 @@ def match(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], stats: list[Spac
     grouped: dict[int, list[int]] = {}
     for k, (p, st) in enumerate(zip(pairs, stats)):
         sa, sb = ir_a.space(p.a), ir_b.space(p.b)
-        if sa.fixed:
-            ref = torch.zeros(1) if st is None else st.outer
-            out[k] = match_avg(sa.n, sb.n, device=ref.device, dtype=torch.float32)
+        if sa.fixed:                      # fuse moves the matrices to each tensor's device
+            out[k] = match_avg(sa.n, sb.n)
         elif sa.group_size > 1 and opts.method != "avg":
             grouped.setdefault(sa.group_class, []).append(k)
         else:
@@ -113,10 +112,10 @@ def _match_group_class(stats: list[SpaceStats], spaces: list[Space]) -> list[Mat
     """Group alignment for spaces sharing one group permutation (design.md, MuDSC)."""
     G = spaces[0].groups
     total = torch.zeros(G, G, dtype=torch.float64)
-    blocks = []
-    for st, s in zip(stats, spaces):
+    blocks, corrs = [], [st.corr().float() for st in stats]
+    for corr, s in zip(corrs, spaces):
         n, k = s.n, s.group_size
-        cross = st.corr()[:n, n:].cpu().reshape(G, k, G, k).permute(0, 2, 1, 3)
+        cross = corr[:n, n:].cpu().reshape(G, k, G, k).permute(0, 2, 1, 3)
         within = {}
         for g in range(G):
             for h in range(G):
@@ -126,9 +125,9 @@ def _match_group_class(stats: list[SpaceStats], spaces: list[Space]) -> list[Mat
         blocks.append(within)
     sigma = _hungarian(total)
     out = []
-    for st, s, within in zip(stats, spaces, blocks):
+    for corr, s, within in zip(corrs, spaces, blocks):
         n, k = s.n, s.group_size
         groups = [(g * k + j, n + int(sigma[g]) * k + int(within[g, int(sigma[g])][j]))
                   for g in range(G) for j in range(k)]
-        out.append(_build(groups, 2 * n, st.corr().float(), st.outer.device, torch.float32))
+        out.append(_build(groups, 2 * n, corr, corr.device, torch.float32))
     return out
