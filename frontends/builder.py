@@ -190,7 +190,18 @@ class Builder:
                 spaces[remap[sid]].joins.append(node)
         self._assign_group_classes(spaces, remap)
         dims = {p: tuple(sorted(d)) for p, d in self.param_dims.items()}
-        return MergeIR(self.model_name, self.gm, spaces, dims, dict(self.unsliced), frontend)
+        ir = MergeIR(self.model_name, self.gm, spaces, dims, dict(self.unsliced), frontend)
+        ir.meta["axes"] = self._node_axes(remap)
+        return ir
+
+    def _node_axes(self, remap: dict[int, int]) -> dict[str, dict[int, tuple]]:
+        """Per graph value (node name): {dim: axis} with canonical space ids."""
+        out = {}
+        for node, v in self.values.items():
+            if isinstance(v, Val) and v.axes:
+                out[node.name] = {d: tuple(replace(s, space=remap[s.space]) for s in axis)
+                                  for d, axis in v.axes.items()}
+        return out
 
     def _make_space(self, k: int, ids: list[int]) -> Space:
         members = [self.raw[i] for i in ids]

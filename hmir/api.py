@@ -27,9 +27,12 @@ from hmir.data import Calibration
 from hmir.errors import CalibrationError, IncompatibleModelsError
 from hmir.frontends.fx import eval_mode, lower
 from hmir.ir import MergeIR
-from hmir.pairing import pair_spaces
+from hmir.pairing import pair_spaces, param_map
 from hmir.passes.fuse import fuse
-from hmir.passes.match import MatchOptions, check_method, match
+from hmir.passes.depth import DepthOptions, check_stages
+from hmir.passes.depth import depth as depth_pass
+from hmir.passes.insert import absent_spaces, inflate_stages
+from hmir.passes.match import MatchOptions, absent_pair, check_method, match
 from hmir.passes.observe import observe
 from hmir.passes.repair import has_norms
 from hmir.passes.repair import repair as repair_module
@@ -78,42 +81,41 @@ def _check_io(a, b, x, names) -> None:
             f"{tuple(x.shape)}: {sa} vs {sb}; merged models must share input and output spaces")
 
 
-def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", alpha: float = 0.5,
-                  beta: float = 0.5, repair: bool = True,
+def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", depth: str = "lma",
+                  width="max", alpha: float = 0.5, beta: float = 0.5, repair: bool = True,
                   max_batches: int | None = None, progress: bool = True,
                   names: tuple[str, str] = ("model a", "model b")) -> MergeResult:
-    """Merge two trained models of one architecture into one, without training.
+    """Merge two trained models, of equal or different depth, into one, without training.
 
     ``data`` is any iterable of batches (tensors or (input, target) tuples, e.g. a
     DataLoader); it calibrates the feature statistics and, where the merged model has
     BatchNorms, resets their statistics (``repair=False`` switches that off).
     ``method``: ``"avg"`` (plain averaging), ``"permute"`` (Hungarian on correlation) or
-    ``"zip"`` (ZipIt-style greedy zipping with ``alpha``, ``beta``). Neither ``a`` nor
-    ``b`` is modified. The merged module lives on ``a``'s device and dtype.
+    ``"zip"`` (ZipIt-style greedy zipping with ``alpha``, ``beta``). ``depth``: how stages
+    of different depth are aligned, ``"lma"``, ``"sma"`` or ``"uniform"``; the shallower
+    model is inflated with zero blocks / identity layers first. Neither ``a`` nor ``b`` is
+    modified. ``width``: the merged width of spaces whose widths differ (elastic zip):
+    ``"max"``, ``"min"``, an int, a ratio of the larger width, or a per-space dict
+    (see :func:`hmir.passes.match.target_width`). The merged module lives on ``a``'s device
+    and dtype.
     """
     check_method(method)
+    depth_opts = DepthOptions(depth)
     calib = Calibration(data, max_batches=max_batches)
     x = calib.example()
     opts = {"alpha": alpha, "beta": beta} if method == "zip" else {}
-    report = MergeReport(names, ("fx", "fx"), method, opts)
+    report = MergeReport(names, ("fx", "fx"), method, {**opts, "depth": depth, "width": width})
     _check_io(a, b, x, names)
     with report.timed("trace"):
         ir_a, ir_b = lower(a, x, names[0]), lower(b, x, names[1])
-    pairs = pair_spaces(ir_a, ir_b)
-    free = [p for p in pairs if p.points]
-    with report.timed("observe"):
-        stats_free = observe(ir_a, ir_b, free, calib, progress=progress)
-    stats = {p: s for p, s in zip(free, stats_free)}
-    state_a, state_b = a.state_dict(), b.state_dict()
-    with report.timed("match"):
-        matches, notes = match(ir_a, ir_b, pairs, [stats.get(p) for p in pairs],
-                               MatchOptions(method, alpha, beta), state_a, state_b)
-    report.notes += notes
-    with report.timed("fuse"):
-        state = fuse(ir_a, ir_b, pairs, matches, state_a, state_b)
-        verify(ir_a, state)                 # the merged tensors still fit the IR exactly
-    with report.timed("emit"):
-        module = emit(ir_a, state)
+    try:
+        pairs = pair_spaces(ir_a, ir_b)
+    except IncompatibleModelsError as err:
+        ir_a, ir_b, plan = _align_depth(ir_a, ir_b, calib, x, depth_opts, report, progress, err)
+        report.depth = plan
+        pairs = pair_spaces(ir_a, ir_b)
+    module = _merge(ir_a, ir_b, pairs, calib, MatchOptions(method, alpha, beta, width=width),
+                    report, progress)
     norms = has_norms(module)
     if repair and norms:
         with report.timed("repair"):
@@ -121,9 +123,52 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", alph
         report.notes.append(f"repair: reset the running statistics of {n} norm layers")
     elif norms:
         report.notes.append("repair: off (norm statistics are the merged parents' averages)")
-    for p, m in zip(pairs, matches):
-        sa, sb = ir_a.space(p.a), ir_b.space(p.b)
-        report.spaces.append(SpaceReport(sa.name, sa.n, sb.n, m.r, m.score, sa.fixed))
     log.info("merged %s and %s with %s", *names, method)
     return MergeResult(module, report, ir_a, ir_b, x)
 
+
+def _align_depth(ir_a, ir_b, calib, x, opts, report, progress, err):
+    """Depth-align and inflate both models; returns their new IRs and the depth plan."""
+    stages = check_stages(ir_a, ir_b)
+    if all(len(sa.pieces) == len(sb.pieces) for sa, sb in zip(*stages)):
+        raise err                                  # same depth: the structures really differ
+    with report.timed("depth"):
+        plan = depth_pass(ir_a, ir_b, calib, opts, progress=progress, stages=stages)
+    report.notes += plan.summary()
+    irs = []
+    for side, ir, other, st, ost in (("a", ir_a, ir_b, *stages), ("b", ir_b, ir_a, *stages[::-1])):
+        with report.timed("insert"):
+            infl = inflate_stages(ir.graph_module, st, ost, other.graph_module, plan.alignments, side, x)
+        report.notes += [f"insert ({ir.name}): {s}" for s in infl.inserted]
+        if infl.inserted:
+            report.notes.append(f"insert ({ir.name}): inflated model deviates from the original by "
+                                f"{infl.deviation:.2e} (relative max)")
+        with report.timed("trace"):
+            new = lower(infl.module, x, ir.name)
+        new.meta["absent"] = absent_spaces(new, infl.zero_params)
+        irs.append(new)
+    return irs[0], irs[1], plan
+
+
+def _merge(ir_a, ir_b, pairs, calib, opts, report, progress) -> fx.GraphModule:
+    """observe → match → fuse → emit for two IRs of one structure."""
+    free = [p for p in pairs if p.points and absent_pair(ir_a, ir_b, p) is None]
+    with report.timed("observe"):
+        stats_free = observe(ir_a, ir_b, free, calib, progress=progress)
+    stats = {p: s for p, s in zip(free, stats_free)}
+    state_a, state_b = ir_a.graph_module.state_dict(), ir_b.graph_module.state_dict()
+    with report.timed("match"):
+        matches, notes = match(ir_a, ir_b, pairs, [stats.get(p) for p in pairs], opts,
+                               state_a, state_b)
+    report.notes += notes
+    widths = {p.a: m.r for p, m in zip(pairs, matches) if m.r != ir_a.space(p.a).n}
+    with report.timed("fuse"):
+        state = fuse(ir_a, ir_b, pairs, matches, state_a, state_b, param_map(ir_a, ir_b, pairs))
+        if not widths:
+            verify(ir_a, state)             # the merged tensors still fit the IR exactly
+    with report.timed("emit"):
+        module = emit(ir_a, state, widths or None)     # with widths, emit verifies them first
+    for p, m in zip(pairs, matches):
+        sa, sb = ir_a.space(p.a), ir_b.space(p.b)
+        report.spaces.append(SpaceReport(sa.name, sa.n, sb.n, m.r, m.score, sa.fixed))
+    return module

@@ -1,9 +1,15 @@
 """The backend: a standalone merged ``nn.Module`` (fx GraphModule) with the merged weights.
 
+With ``widths`` (space id → new width) the emitted module is A's graph at new layer
+widths: every called module whose tensors change shape is resized by its rule in
+:data:`hmir.resize.RESIZE_RULES`, and the literal sizes of reshape/view nodes at feature
+dims are rewritten to the new extents.
+
 Example::
 
-    >>> merged = emit(ir_a, state)           # runs on the device/dtype of ``state``
-    >>> merged(x).shape
+    >>> merged = emit(ir_a, state)                       # runs on the device/dtype of ``state``
+    >>> wide = emit(ir_a, wide_state, widths={3: 48})    # space 3 now has 48 units
+    >>> wide(x).shape
 """
 from __future__ import annotations
 
@@ -11,19 +17,162 @@ import copy
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from hmir.errors import MergeError
+from hmir.frontends.diagnostics import node_error
 from hmir.ir import MergeIR
+from hmir.resize import RESIZE_RULES, axis_extent, new_widths, resized_ir, set_tensors
+
+_SIZE_KWARGS = ("shape", "size")
 
 
-def emit(ir: MergeIR, state: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """A fresh GraphModule of ``ir``'s graph holding ``state`` (the user's model untouched)."""
+def emit(ir: MergeIR, state: dict[str, torch.Tensor],
+         widths: dict[int, int] | None = None) -> fx.GraphModule:
+    """A fresh GraphModule of ``ir``'s graph holding ``state``, in eval mode.
+
+    ``widths`` maps space ids to new widths (missing ids keep theirs); without it every
+    tensor of ``state`` must keep its shape. Neither the user's model nor
+    ``ir.graph_module`` is modified.
+    """
     merged = copy.deepcopy(ir.graph_module)
-    own = merged.state_dict()
-    bad = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if bad:
-        raise MergeError(f"{ir.name}: merged tensors changed shape ({bad[:3]}); resizing layers "
-                         f"is not supported by this backend version")
+    if widths is None:
+        own = merged.state_dict()
+        bad = [k for k in own if k in state and own[k].shape != state[k].shape]
+        if bad:
+            shapes = ", ".join(f"{k} {tuple(own[k].shape)}->{tuple(state[k].shape)}"
+                               for k in bad[:3])
+            raise MergeError(f"{ir.name}: merged tensors changed shape ({shapes}); pass "
+                             f"widths={{space id: width}} to emit a model with resized layers")
+    else:
+        from hmir.verify import verify
+
+        verify(resized_ir(ir, widths), state)
+        width = new_widths(ir, widths)
+        _resize_modules(ir, merged, state, width)
+        _rewrite_shape_args(ir, merged, width)
+        merged.recompile()
+    _to_state_device(merged, state)
     merged.load_state_dict(state, strict=True)
-    merged.eval()
-    return merged
+    return merged.eval()
+
+
+def _to_state_device(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    ref = next((t for t in state.values() if t.is_floating_point()), None)
+    if ref is not None:
+        module.to(device=ref.device, dtype=ref.dtype)
+
+
+# -- modules ---------------------------------------------------------------------------
+def _resize_modules(ir: MergeIR, gm: fx.GraphModule, state: dict[str, torch.Tensor],
+                    width: dict[int, int]) -> None:
+    """Resize each module that owns a tensor whose shape changes (called ones by rule)."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    changed = {_owner(name, called) for name, t in gm.state_dict().items()
+               if name in state and state[name].shape != t.shape}
+    for owner in sorted(changed):
+        prefix = f"{owner}." if owner else ""
+        new = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        module = gm.get_submodule(owner)
+        if owner in called:
+            _apply_rule(ir, owner, module, new)
+        else:            # a container of get_attr tensors: forward() never runs
+            _set_own(module, {k: v for k, v in new.items() if "." not in k})
+    _resize_affineless_layer_norms(ir, gm, width)
+
+
+def _owner(name: str, called: set[str]) -> str:
+    """The called module that uses tensor ``name``, else the module that holds it."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:i]) in called:
+            return ".".join(parts[:i])
+    return ".".join(parts[:-1])
+
+
+def _set_own(module: nn.Module, new: dict[str, torch.Tensor]) -> None:
+    set_tensors(module, {k: v for k, v in new.items() if getattr(module, k).shape != v.shape})
+
+
+def _apply_rule(ir: MergeIR, path: str, module: nn.Module, new: dict[str, torch.Tensor]) -> None:
+    own = dict(module.state_dict())
+    diff = ", ".join(f"{k} {tuple(own[k].shape)}->{tuple(v.shape)}"
+                     for k, v in new.items() if k in own and own[k].shape != v.shape)
+    rule = RESIZE_RULES.get(type(module))
+    where = f"{ir.name}: module '{path}' ({type(module).__qualname__}) changes shape: {diff}"
+    if rule is None:
+        raise MergeError(f"{where}\n  what to do: register a resize rule for its type: "
+                         f"hmir.resize.register_resize({type(module).__qualname__}, fn) with "
+                         f"fn(module, new_tensors) replacing its tensors (hmir.resize.set_tensors) "
+                         f"and updating the attributes its forward() reads")
+    try:
+        rule(module, new)
+    except MergeError as e:
+        raise MergeError(f"{where}; its resize rule failed: {e}") from e
+
+
+def _resize_affineless_layer_norms(ir: MergeIR, gm: fx.GraphModule, width: dict[int, int]) -> None:
+    """LayerNorms without parameters still read normalized_shape: take it from the axes."""
+    axes = ir.meta.get("axes", {})
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.LayerNorm):
+            continue
+        m = gm.get_submodule(node.target)
+        src = node.args[0] if node.args else None
+        axis = axes.get(getattr(src, "name", None), {}).get(_ndim(src) - 1)
+        if m.weight is None and m.bias is None and axis and len(m.normalized_shape) == 1:
+            m.normalized_shape = (axis_extent(axis, width),)
+
+
+def _ndim(node) -> int:
+    tm = getattr(node, "meta", {}).get("tensor_meta")
+    return len(tm.shape) if hasattr(tm, "shape") else 0
+
+
+# -- shape constants -----------------------------------------------------------------
+def _rewrite_shape_args(ir: MergeIR, gm: fx.GraphModule, width: dict[int, int]) -> None:
+    """Rewrite literal sizes of marked reshape/view nodes at feature dims to the new extents."""
+    old = {s.id: s.n for s in ir.spaces}
+    for node in gm.graph.nodes:
+        if not node.meta.get("hmir_shape_args"):
+            continue
+        where, sizes = _sizes(node)
+        if sizes is None or not any(type(v) is int and v != -1 for v in sizes):
+            continue
+        if "axes" not in ir.meta:
+            raise node_error(MergeError, ir.name, node, "has literal sizes but the IR has no "
+                             "meta['axes'] to rewrite them with", hint="lower the model again")
+        new = list(sizes)
+        for dim, axis in ir.meta["axes"].get(node.name, {}).items():
+            d = dim % len(sizes)
+            if type(sizes[d]) is not int or sizes[d] == -1:
+                continue
+            if sizes[d] != axis_extent(axis, old):
+                raise node_error(MergeError, ir.name, node,
+                                 f"has the literal size {sizes[d]} at dim {d}, which carries "
+                                 f"features of extent {axis_extent(axis, old)}; hmir cannot tell "
+                                 f"what it becomes at the new widths",
+                                 hint="compute the size from the tensor (x.size(d)) or use -1")
+            new[d] = axis_extent(axis, width)
+        _set_sizes(node, where, new)
+
+
+def _sizes(node: fx.Node):
+    """Where a reshape's size list sits ('kw:<name>', 'tuple' or 'varargs') and the list."""
+    for k in _SIZE_KWARGS:
+        if k in node.kwargs:
+            v = node.kwargs[k]
+            return (f"kw:{k}", list(v)) if isinstance(v, (tuple, list)) else (None, None)
+    rest = node.args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        return "tuple", list(rest[0])
+    return "varargs", list(rest)
+
+
+def _set_sizes(node: fx.Node, where: str, sizes: list) -> None:
+    if where.startswith("kw:"):
+        node.update_kwarg(where[3:], tuple(sizes))
+    elif where == "tuple":
+        node.update_arg(1, tuple(sizes))
+    else:
+        node.args = (node.args[0], *sizes)

@@ -102,7 +102,8 @@ class MergeIR:
 
     ``param_dims`` lists, per parameter or buffer, which dims are feature dims (the
     ones slices must cover exactly once); ``unsliced`` names tensors with no feature
-    dim and why (e.g. ``num_batches_tracked``). ``meta`` holds what passes compute.
+    dim and why (e.g. ``num_batches_tracked``). ``meta`` holds what passes compute;
+    the frontend fills ``meta["axes"]``: per graph value (node name), ``{dim: Axis}``.
     """
 
     name: str

@@ -23,7 +23,7 @@ from scipy.optimize import linear_sum_assignment
 
 from hmir.errors import MergeError
 
-__all__ = ["Match", "MatchingError", "correlation", "match_avg", "match_permute",
+__all__ = ["Match", "MatchingError", "correlation", "match_avg", "match_keep", "match_permute",
            "match_zip", "zip_reference"]
 
 
@@ -129,6 +129,24 @@ def match_avg(nA: int, nB: int, *, corr: torch.Tensor | None = None,
     if corr is not None:
         device, dtype = _check_corr(corr, nA, nB).device, corr.dtype
     return _build([(i, nA + i) for i in range(nA)], nA + nB, corr, device, dtype)
+
+
+def match_keep(nA: int, nB: int, keep: str, *, device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32) -> Match:
+    """Keep one model's features as they are and drop the other's (which carry no signal).
+
+    Used for the inner features of an inserted zero block: ``keep="a"`` gives r = nA, M and U
+    identity on A's features and zero on B's (design.md: such features are treated as absent).
+
+    Example::
+
+        >>> match_keep(2, 3, "a").groups
+        [(0,), (1,)]
+    """
+    if keep not in ("a", "b"):
+        raise MatchingError(f"keep must be 'a' or 'b', got {keep!r}")
+    groups = [(i,) for i in range(nA)] if keep == "a" else [(nA + j,) for j in range(nB)]
+    return _build(groups, nA + nB, None, device, dtype)
 
 
 def match_permute(corr: torch.Tensor, nA: int, nB: int) -> Match:

@@ -1,8 +1,15 @@
-"""Correspondence of two lowered models of one architecture: space by space, point by point.
+"""Correspondence of two lowered models of one structure: space by space, parameter by parameter.
+
+Two models correspond when their graphs have the same structure (same ops in the same
+order; widths may differ). Spaces are paired in creation order and every parameter of A
+is paired with the parameter of B that holds the same slices, so parameter *names* may
+differ (e.g. a model inflated with inserted units).
 
 Example::
 
     >>> pairs = pair_spaces(ir_a, ir_b)     # raises IncompatibleModelsError on a mismatch
+    >>> param_map(ir_a, ir_b, pairs)["layer1.0.conv1.weight"]
+    'layer1.0.conv1.weight'
 """
 from __future__ import annotations
 
@@ -12,23 +19,27 @@ from hmir.passes.observe import SpacePair
 
 
 def _signature(s: Space) -> tuple:
-    return (s.n, s.fixed, s.group_size, len(s.slices))
+    return (s.fixed, s.group_size > 1, len(s.slices), tuple((sl.dim, sl.role) for sl in s.slices))
+
+
+def _describe(ir: MergeIR, s: Space) -> str:
+    return (f"space '{s.name}' of {ir.name} (width {s.n}, fixed={s.fixed}, groups of {s.group_size}, "
+            f"{len(s.slices)} parameter slices)")
 
 
 def pair_spaces(ir_a: MergeIR, ir_b: MergeIR) -> list[SpacePair]:
-    """Pair the spaces of two models of the same architecture (same structure, same widths)."""
+    """Pair the spaces of two models of the same structure (widths may differ, fixed may not)."""
     if len(ir_a.spaces) != len(ir_b.spaces):
         raise IncompatibleModelsError(
-            f"{ir_a.name} has {len(ir_a.spaces)} spaces and {ir_b.name} has {len(ir_b.spaces)}: the "
-            f"architectures differ; this version merges models of one architecture only")
+            f"{ir_a.name} has {len(ir_a.spaces)} spaces and {ir_b.name} has {len(ir_b.spaces)}: their "
+            f"structures differ (different ops, not only different depth or width); "
+            f"print(hmir.frontends.lower(model, x)) shows each model's spaces")
     pairs = []
     for sa, sb in zip(ir_a.spaces, ir_b.spaces):
-        if _signature(sa) != _signature(sb):
+        if _signature(sa) != _signature(sb) or (sa.fixed and sa.n != sb.n):
             raise IncompatibleModelsError(
-                f"space '{sa.name}' of {ir_a.name} (width {sa.n}, fixed={sa.fixed}, "
-                f"groups of {sa.group_size}) does not match space '{sb.name}' of {ir_b.name} "
-                f"(width {sb.n}, fixed={sb.fixed}, groups of {sb.group_size}); this version "
-                f"merges models of one architecture and width only")
+                f"{_describe(ir_a, sa)} does not correspond to {_describe(ir_b, sb)}: the models' "
+                f"structures differ there")
         if sa.fixed or not sa.points:
             pairs.append(SpacePair(sa.id, sb.id, ()))
         elif len(sa.points) == len(sb.points):
@@ -36,3 +47,17 @@ def pair_spaces(ir_a: MergeIR, ir_b: MergeIR) -> list[SpacePair]:
         else:
             pairs.append(SpacePair(sa.id, sb.id, ((sa.points[-1], sb.points[-1]),)))
     return pairs
+
+
+def param_map(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair]) -> dict[str, str]:
+    """A's sliced parameter names → B's, from the slices of paired spaces (checked one-to-one)."""
+    out: dict[str, str] = {}
+    for p in pairs:
+        for sa, sb in zip(ir_a.space(p.a).slices, ir_b.space(p.b).slices):
+            if out.setdefault(sa.param, sb.param) != sb.param:
+                raise IncompatibleModelsError(
+                    f"{ir_a.name}'s parameter '{sa.param}' corresponds to both '{out[sa.param]}' "
+                    f"and '{sb.param}' of {ir_b.name}: the models' structures differ")
+    if len(set(out.values())) != len(out):
+        raise IncompatibleModelsError(f"two parameters of {ir_a.name} correspond to one of {ir_b.name}")
+    return out

@@ -13,6 +13,9 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
+
+from hmir.errors import HMIRError
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,19 @@ class MergeReport:
     spaces: list[SpaceReport] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    depth: Any = None          # the DepthPlan of a depth-heterogeneous merge (CKA, alignments)
+
+    def plot_cka(self, path, title: str = ""):
+        """Heatmap of the CKA between the units of A and B that depth alignment compared.
+
+        Example: ``result.report.plot_cka("cka.png")`` (seed Fig. 3); the aligned cells are marked.
+        """
+        from hmir.cka import plot_cka
+
+        if self.depth is None or not self.depth.labels_a:
+            raise HMIRError("this merge aligned no stages of different depth: there is no CKA to plot")
+        return plot_cka(self.depth.cka, path, labels_a=self.depth.labels_a,
+                        labels_b=self.depth.labels_b, title=title or " + ".join(self.models))
 
     @contextmanager
     def timed(self, name: str):

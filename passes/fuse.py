@@ -65,8 +65,13 @@ def _transform(ir: MergeIR, side: int, t: torch.Tensor, slices: list[Slice],
 
 
 def fuse(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], matches: list[Match],
-         state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The merged state dict, in A's parameter names (B's parameters are found by name)."""
+         state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
+         names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The merged state dict, in A's parameter names.
+
+    ``names`` maps A's sliced parameters to B's (:func:`hmir.pairing.param_map`); by
+    default B's parameter of the same name.
+    """
     mats_a = {p.a: m for p, m in zip(pairs, matches)}
     mats_b = {p.b: m for p, m in zip(pairs, matches)}
     n_a_a = {p.a: ir_a.space(p.a).n for p in pairs}
@@ -78,10 +83,11 @@ def fuse(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], matches: list[Mat
         if name not in by_a:
             merged[name] = t.clone()
             continue
-        if name not in state_b or name not in by_b:
+        other = names.get(name, name) if names is not None else name
+        if other not in state_b or other not in by_b:
             raise MergeError(f"{ir_a.name}'s parameter '{name}' has no counterpart in {ir_b.name}")
         wa = _transform(ir_a, 0, t.float(), by_a[name], mats_a, n_a_a)
-        wb = _transform(ir_b, 1, state_b[name].float().to(t.device), by_b[name], mats_b, n_a_b)
+        wb = _transform(ir_b, 1, state_b[other].float().to(t.device), by_b[other], mats_b, n_a_b)
         merged[name] = (wa + wb).to(t.dtype)
     return merged
 

@@ -19,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 
 from hmir.errors import MergeError
 from hmir.ir import MergeIR, Space
-from hmir.matching import Match, _build, match_avg, match_permute, match_zip
+from hmir.matching import Match, _build, match_avg, match_keep, match_permute, match_zip
 from hmir.passes.observe import SpacePair, SpaceStats
 from hmir.slicing import slice_index
 
@@ -32,14 +32,42 @@ class MatchOptions:
     alpha: float = 0.5
     beta: float = 0.5
     tie_break: float = 1e-3
+    width: object = "max"
     name: str = "match"
 
 
+def target_width(spec, nA: int, nB: int, space: str = "") -> int:
+    """The merged width r of a space: ``"max"``, ``"min"``, an int, a ratio of max(nA, nB)
+    (a float), or a dict ``{space name: spec, "default": spec}``.
+
+    Example::
+
+        >>> target_width("max", 16, 32), target_width(0.75, 16, 32), target_width(20, 16, 32)
+        (32, 24, 20)
+    """
+    if isinstance(spec, dict):
+        spec = spec.get(space, spec.get("default", "max"))
+    if spec == "max":
+        r = max(nA, nB)
+    elif spec == "min":
+        r = min(nA, nB)
+    elif isinstance(spec, bool) or not isinstance(spec, (int, float)):
+        raise MergeError(f"width must be 'max', 'min', an int, a float ratio or a dict of those; "
+                         f"got {spec!r}")
+    else:
+        r = int(spec) if isinstance(spec, int) else int(round(spec * max(nA, nB)))
+    if not 1 <= r <= nA + nB:
+        raise MergeError(f"space '{space}': merged width {r} (width={spec!r}) is outside "
+                         f"1..{nA + nB} (widths {nA} and {nB})")
+    return r
+
+
 METHODS = {
-    "avg": lambda corr, nA, nB, o: match_avg(nA, nB, corr=corr),
-    "permute": lambda corr, nA, nB, o: match_permute(corr, nA, nB),
-    "zip": lambda corr, nA, nB, o: match_zip(corr, nA, nB, alpha=o.alpha, beta=o.beta),
+    "avg": lambda corr, nA, nB, o, r: match_avg(nA, nB, corr=corr),
+    "permute": lambda corr, nA, nB, o, r: match_permute(corr, nA, nB),
+    "zip": lambda corr, nA, nB, o, r: match_zip(corr, nA, nB, r, alpha=o.alpha, beta=o.beta),
 }
+ELASTIC = {"zip"}           # methods that merge spaces of different widths to any width r
 
 
 def check_method(method: str) -> None:
@@ -76,23 +104,43 @@ def similarity(corr: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, tie: floa
     return corr + tie * (w @ w.T)
 
 
+def absent_pair(ir_a: MergeIR, ir_b: MergeIR, p: SpacePair) -> str | None:
+    """``"a"``/``"b"`` when that side of the pair is a zero block's inner space (``meta["absent"]``)."""
+    if p.a in ir_a.meta.get("absent", ()):
+        return "a"
+    return "b" if p.b in ir_b.meta.get("absent", ()) else None
+
+
 def match(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], stats: list[SpaceStats | None],
           opts: MatchOptions, state_a: dict, state_b: dict) -> tuple[list[Match], list[str]]:
-    """Match every pair; returns the matches (in pair order) and notes for the report."""
+    """Match every pair; returns the matches (in pair order) and notes for the report.
+
+    A pair whose one side is absent (an inserted zero block's inner features) keeps the
+    other side's features unchanged (:func:`~hmir.matching.match_keep`).
+    """
     check_method(opts.method)
     out: list[Match | None] = [None] * len(pairs)
     notes: list[str] = []
     grouped: dict[int, list[int]] = {}
+    kept = 0
     for k, (p, st) in enumerate(zip(pairs, stats)):
         sa, sb = ir_a.space(p.a), ir_b.space(p.b)
+        side = absent_pair(ir_a, ir_b, p)
         if sa.fixed:                      # fuse moves the matrices to each tensor's device
             out[k] = match_avg(sa.n, sb.n)
+        elif side is not None:
+            out[k], kept = match_keep(sa.n, sb.n, "b" if side == "a" else "a"), kept + 1
         elif sa.group_size > 1 and opts.method != "avg":
+            if sa.n != sb.n or sa.group_size != sb.group_size:
+                raise MergeError(f"grouped space '{sa.name}' has {sa.groups}×{sa.group_size} units in "
+                                 f"{ir_a.name} and {sb.groups}×{sb.group_size} in {ir_b.name}: group "
+                                 f"alignment of different group counts or sizes is not supported yet")
             grouped.setdefault(sa.group_class, []).append(k)
         else:
+            r = _width(opts, sa, sb, ir_a, ir_b)
             sim = similarity(st.corr().float(), producer_rows(ir_a, sa, state_a),
                              producer_rows(ir_b, sb, state_b), opts.tie_break)
-            out[k] = METHODS[opts.method](sim, sa.n, sb.n, opts)
+            out[k] = METHODS[opts.method](sim, sa.n, sb.n, opts, r)
     for cls, ks in grouped.items():
         for k, m in zip(ks, _match_group_class([stats[k] for k in ks],
                                                [ir_a.space(pairs[k].a) for k in ks])):
@@ -100,7 +148,20 @@ def match(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], stats: list[Spac
         names = ", ".join(ir_a.space(pairs[k].a).name for k in ks)
         notes.append(f"grouped spaces [{names}]: group alignment then within-group permutation "
                      f"(method {opts.method!r} applies to ungrouped spaces)")
+    if kept:
+        notes.append(f"{kept} inner space(s) of inserted zero blocks: kept the other model's "
+                     f"features as they are (zero-block features are absent)")
     return out, notes
+
+
+def _width(opts: MatchOptions, sa: Space, sb: Space, ir_a: MergeIR, ir_b: MergeIR) -> int:
+    r = target_width(opts.width, sa.n, sb.n, sa.name)
+    if opts.method not in ELASTIC and (sa.n != sb.n or r != sa.n):
+        raise MergeError(
+            f"space '{sa.name}' has width {sa.n} in {ir_a.name} and {sb.n} in {ir_b.name} (merged "
+            f"width {r} asked); method {opts.method!r} pairs units one to one and needs equal "
+            f"widths: use method='zip' (elastic zipping to any width)")
+    return r
 
 
 def _hungarian(score: torch.Tensor) -> torch.Tensor:

@@ -67,9 +67,11 @@ def test_models_with_different_inputs_are_rejected():
         compile_merge(zoo.resnet20(), zoo.resnet20(in_channels=1), _data(), progress=False)
 
 
-def test_different_widths_are_rejected_with_reason():
-    with pytest.raises(IncompatibleModelsError, match="width 16.*width 32"):
-        compile_merge(zoo.resnet20(), zoo.resnet20(width=2), _data(), progress=False)
+def test_different_widths_need_an_elastic_method():
+    with pytest.raises(MergeError, match="width 16 in model a and 32 in model b.*method='zip'"):
+        compile_merge(zoo.resnet20(), zoo.resnet20(width=2), _data(), method="permute", progress=False)
+    with pytest.raises(MergeError, match="merged width 100 .* outside 1..48"):
+        compile_merge(zoo.resnet20(), zoo.resnet20(width=2), _data(), width=100, progress=False)
 
 
 @pytest.mark.parametrize("data,pattern", [

@@ -1,0 +1,203 @@
+"""insert: inflate the shallower model of each stage with units that compute nothing new.
+
+At every deep position the alignment leaves free, a copy of one of the stage's units is
+spliced into the fx graph right after the stream value it must carry forward:
+
+- residual stage: a **zero block** (every parameter of the copy zeroed, BatchNorm variance
+  1): its branch adds exactly 0, so ``x + 0 = x``. Its inner spaces carry no signal; their
+  parameters are listed in ``Inflation.zero_params`` so matching treats them as absent.
+- plain stage: an **identity layer**: the space-creating op becomes the identity (conv:
+  centre-tap identity kernel; linear: I), norms become identities, the activation stays.
+  Exact when the activation is idempotent on its input (ReLU after ReLU); otherwise the
+  measured deviation is reported.
+
+The template is a unit of the same model's stage; a stage with no unit of its own borrows
+the deeper model's unit when the stream shapes agree. The inflated model is checked
+against the original on the example batch (``Inflation.deviation``).
+
+Example::
+
+    >>> inflated = inflate(model_b, plan, side="b", example=x)
+    >>> inflated.deviation <= 1e-5, inflated.inserted
+    (True, ['stage 1: 1 zero block(s) at positions [2]'])
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from hmir.errors import IncompatibleModelsError, MergeError
+from hmir.frontends.fx import eval_mode
+from hmir.units import Piece, Stage
+
+
+@dataclass
+class Inflation:
+    """An inflated graph module, what was inserted, and how far its outputs moved."""
+
+    module: fx.GraphModule
+    zero_params: set[str] = field(default_factory=set)
+    inserted: list[str] = field(default_factory=list)
+    deviation: float = 0.0
+
+
+def _conv_identity(m: nn.Module) -> None:
+    k = m.weight.shape[2:]
+    ok = (m.groups == 1 and m.in_channels == m.out_channels and all(s == 1 for s in m.stride)
+          and all(d == 1 for d in m.dilation) and all(x % 2 == 1 for x in k)
+          and (m.padding == "same" or tuple(m.padding) == tuple(x // 2 for x in k)))
+    if not ok:
+        raise MergeError(f"cannot make {m} an identity layer (needs equal in/out channels, groups 1, "
+                         f"stride 1, dilation 1, an odd kernel with 'same' padding)")
+    centre = (slice(None), slice(None)) + tuple(x // 2 for x in k)
+    m.weight.zero_()
+    m.weight[centre] = torch.eye(m.out_channels, dtype=m.weight.dtype)
+    if m.bias is not None:
+        m.bias.zero_()
+
+
+def _linear_identity(m: nn.Module) -> None:
+    if m.in_features != m.out_features:
+        raise MergeError(f"cannot make {m} an identity layer (in_features != out_features)")
+    m.weight.copy_(torch.eye(m.out_features, dtype=m.weight.dtype))
+    if m.bias is not None:
+        m.bias.zero_()
+
+
+def _bn_identity(m: nn.Module) -> None:
+    if m.running_var is None or not m.affine:
+        raise MergeError(f"cannot make {m} an identity (needs running statistics and affine params)")
+    m.running_mean.zero_()
+    m.running_var.fill_(1.0)
+    m.weight.fill_((1.0 + m.eps) ** 0.5)
+    m.bias.zero_()
+
+
+IDENTITY_RULES = {
+    **{t: _conv_identity for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d)},
+    nn.Linear: _linear_identity,
+    **{t: _bn_identity for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
+}
+
+
+def _make_zero(m: nn.Module) -> None:
+    for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+        if t is not None and t.is_floating_point():
+            t.fill_(1.0 if name == "running_var" else 0.0)
+
+
+def _make_identity(m: nn.Module) -> None:
+    if not any(True for _ in m.parameters(recurse=False)):
+        return
+    rule = IDENTITY_RULES.get(type(m))
+    if rule is None:
+        raise MergeError(f"cannot insert an identity layer built from {type(m).__qualname__}: no "
+                         f"identity rule (add one to hmir.passes.insert.IDENTITY_RULES)")
+    rule(m)
+
+
+def _short(targets: list[str]) -> dict[str, str]:
+    """Module paths without their common prefix, dots made underscores ('layer1.2.conv1' → 'conv1')."""
+    parts = [t.split(".") for t in targets]
+    k = 0
+    while parts and all(len(p) > k + 1 and p[k] == parts[0][k] for p in parts):
+        k += 1
+    return {t: "_".join(p[k:]) for t, p in zip(targets, parts)}
+
+
+def _splice(gm: fx.GraphModule, anchor: fx.Node, src: fx.GraphModule, own: bool, piece: Piece,
+            prefix: str, make) -> tuple[fx.Node, list[str]]:
+    """Copy ``piece`` of the unmodified ``src`` after ``anchor`` in ``gm``.
+
+    ``own``: ``src`` is the original of ``gm``, so values read from outside the piece (shape
+    values of the input, say) are found in ``gm`` by name. Returns the new output and the
+    names of the copied parameters and buffers.
+    """
+    nodes = {n.name: n for n in src.graph.nodes}
+    here = {n.name: n for n in gm.graph.nodes}
+    env = {nodes[piece.inp]: anchor}
+    users = list(anchor.users)
+    modules = [nodes[n].target for n in piece.nodes if nodes[n].op == "call_module"]
+    short, params, last = _short(modules), [], anchor
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a in env:
+            return env[a]
+        if own and a.op != "get_attr" and a.name in here:
+            return here[a.name]
+        raise MergeError(f"cannot copy unit '{piece.out}': it reads '{a.name}' ({a.op}) from outside "
+                         f"the unit")
+
+    for name in piece.nodes:
+        tn = nodes[name]
+        with gm.graph.inserting_after(last):
+            new = gm.graph.node_copy(tn, arg)
+        if tn.op == "call_module":
+            mod = copy.deepcopy(src.get_submodule(tn.target))
+            with torch.no_grad():
+                for m in mod.modules():
+                    make(m)
+            new.target = f"{prefix}.{short[tn.target]}"
+            gm.add_submodule(new.target, mod)
+            params += [f"{new.target}.{k}" for k in mod.state_dict()]
+        env[tn], last = new, new
+    out = env[nodes[piece.out]]
+    for u in users:
+        u.replace_input_with(anchor, out)
+    return out, params
+
+
+def _template(stage: Stage, other: Stage, j: int, src: int, gm, other_gm) -> tuple[fx.GraphModule, Piece]:
+    if len(stage.pieces) > 1:
+        return gm, stage.pieces[max(src, 1)]
+    piece = other.pieces[j]
+    if piece.shape_in != stage.pieces[0].shape_out:
+        raise IncompatibleModelsError(
+            f"stage {stage.index} has no unit of its own to copy, and the deeper model's unit "
+            f"'{piece.out}' works on shape {piece.shape_in}, not {stage.pieces[0].shape_out}")
+    return other_gm, piece
+
+
+def inflate_stages(gm: fx.GraphModule, stages: list[Stage], other_stages: list[Stage],
+                   other_gm: fx.GraphModule, alignments: list, side: str,
+                   example: torch.Tensor) -> Inflation:
+    """Insert units into ``gm``'s stages where ``side`` is the shallower model (``gm`` untouched)."""
+    new = copy.deepcopy(gm)
+    info = Inflation(new)
+    for st, other, al in zip(stages, other_stages, alignments):
+        if al is None or al.deeper in ("equal", side):
+            continue
+        kind = other.kind if st.kind == "none" else st.kind
+        make = _make_zero if kind == "residual" else _make_identity
+        nodes = {n.name: n for n in new.graph.nodes}
+        tails = [nodes[p.out] for p in st.pieces]
+        for j in al.inserted():
+            i = al.source(j)
+            src, piece = _template(st, other, j, i, gm, other_gm)
+            tails[i], params = _splice(new, tails[i], src, src is gm, piece,
+                                       f"hmir_inserted.stage{st.index}_pos{j}", make)
+            if kind == "residual":
+                info.zero_params.update(params)
+        what = "zero block(s)" if kind == "residual" else "identity layer(s)"
+        info.inserted.append(f"stage {st.index}: {len(al.inserted())} {what} at positions "
+                             f"{list(al.inserted())}")
+    new.graph.lint()
+    new.recompile()
+    info.deviation = _deviation(gm, new, example)
+    return info
+
+
+def _deviation(old: fx.GraphModule, new: fx.GraphModule, x: torch.Tensor) -> float:
+    with eval_mode(old), eval_mode(new):
+        y0, y1 = old(x), new(x)
+    return float((y0 - y1).abs().max() / y0.abs().max().clamp_min(1e-12))
+
+
+def absent_spaces(ir, zero_params: set[str]) -> set[int]:
+    """Free spaces written only by zeroed parameters: a zero block's inner features."""
+    return {s.id for s in ir.free_spaces
+            if s.producers() and all(sl.param in zero_params for sl in s.producers())}
