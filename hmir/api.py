@@ -172,3 +172,20 @@ def _merge(ir_a, ir_b, pairs, calib, opts, report, progress) -> fx.GraphModule:
         sa, sb = ir_a.space(p.a), ir_b.space(p.b)
         report.spaces.append(SpaceReport(sa.name, sa.n, sb.n, m.r, m.score, sa.fixed))
     return module
+
+
+def depth_plan(a: nn.Module, b: nn.Module, data, *, depth: str = "lma", progress: bool = True,
+               names: tuple[str, str] = ("model a", "model b")):
+    """Depth alignment of two models alone: stages, CKA of their units, per-stage alignment.
+
+    Example::
+
+        >>> plan = depth_plan(zoo.resnet20(), zoo.resnet26(), batches, progress=False)
+        >>> plan.alignments[0].positions, plan.alignments[0].deeper
+        ((0, 2, 3, 4), 'b')
+        >>> inflate(a, plan, "a", batches[0]).module      # as deep as b, same function as a
+    """
+    calib = Calibration(data)
+    x = calib.example()
+    ir_a, ir_b = lower(a, x, names[0]), lower(b, x, names[1])
+    return depth_pass(ir_a, ir_b, calib, DepthOptions(depth), progress=progress)

@@ -51,6 +51,7 @@ class DepthPlan:
     stages_a: list[Stage]
     stages_b: list[Stage]
     alignments: list[Alignment | None]
+    graphs: tuple = ()          # the traced graph modules of A and B the stages refer to
     cka: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
     labels_a: list[str] = field(default_factory=list)
     labels_b: list[str] = field(default_factory=list)
@@ -135,7 +136,7 @@ def depth(ir_a: MergeIR, ir_b: MergeIR, data, opts: DepthOptions, *, progress: b
     """Align every stage; CKA is measured only when some stage's depths differ."""
     st_a, st_b = stages or check_stages(ir_a, ir_b)
     differ = [k for k, (sa, sb) in enumerate(zip(st_a, st_b)) if len(sa.pieces) != len(sb.pieces)]
-    plan = DepthPlan(st_a, st_b, [None] * len(st_a))
+    plan = DepthPlan(st_a, st_b, [None] * len(st_a), (ir_a.graph_module, ir_b.graph_module))
     if not differ:
         return plan
     plan.labels_a = [n for k in differ for n in st_a[k].outputs]

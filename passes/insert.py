@@ -201,3 +201,30 @@ def absent_spaces(ir, zero_params: set[str]) -> set[int]:
     """Free spaces written only by zeroed parameters: a zero block's inner features."""
     return {s.id for s in ir.free_spaces
             if s.producers() and all(sl.param in zero_params for sl in s.producers())}
+
+
+def inflate(model: nn.Module, plan, side: str, example: torch.Tensor) -> Inflation:
+    """Inflate ``model`` (side ``"a"`` or ``"b"`` of ``plan``, a :class:`~hmir.passes.depth.DepthPlan`).
+
+    Returns an :class:`Inflation` whose ``module`` is runnable and computes ``model``'s function
+    (``deviation`` measured on ``example``); ``model`` itself is not modified.
+
+    Example::
+
+        >>> plan = hmir.depth_plan(resnet20, resnet26, batches, depth="lma")
+        >>> inflate(resnet20, plan, "a", x).module      # now as deep as resnet26
+    """
+    from hmir.frontends.fx import propagate_shapes, trace
+
+    if side not in ("a", "b"):
+        raise MergeError(f"side must be 'a' or 'b', got {side!r}")
+    k = 0 if side == "a" else 1
+    stages = (plan.stages_a, plan.stages_b)
+    gm = trace(model, f"model {side}")
+    propagate_shapes(gm, model, example)
+    names = {n.name for n in gm.graph.nodes}
+    if not {n for st in stages[k] for p in st.pieces for n in p.nodes} <= names:
+        raise MergeError(f"this depth plan was computed for another model than the {type(model).__name__} "
+                         f"given as side {side!r}")
+    return inflate_stages(gm, stages[k], stages[1 - k], plan.graphs[1 - k], plan.alignments, side,
+                          example)

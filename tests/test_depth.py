@@ -1,0 +1,153 @@
+"""Depth-heterogeneous merging (issue 3): stages, exact inflation, merges of real pairs, errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import randomized, rel_err, torchvision_model
+from hmir import compile_merge, depth_plan, inflate, zoo
+from hmir.errors import IncompatibleModelsError
+from hmir.frontends import lower
+from hmir.units import find_stages
+from test_lowering import assert_permutation_invariant
+
+
+def _data(shape, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def _inflated_matches(a, b, shape, side="a"):
+    """Inflate the shallower side; return (rel. error on fresh input, Inflation)."""
+    data = _data(shape)
+    plan = depth_plan(a, b, data, progress=False)
+    model = a if side == "a" else b
+    infl = inflate(model, plan, side, data[0])
+    x = _data(shape, 1, seed=9)[0]
+    with torch.no_grad():
+        return rel_err(model(x), infl.module(x)), infl
+
+
+def test_stages_of_cifar_resnets_and_vggs():
+    st = find_stages(lower(zoo.resnet26(), torch.randn(2, 3, 32, 32)))
+    assert [(s.kind, len(s.pieces)) for s in st[:3]] == [("residual", 5), ("residual", 4), ("residual", 4)]
+    st = find_stages(lower(zoo.vgg19(width=0.25), torch.randn(2, 3, 32, 32)))
+    assert [len(s.pieces) for s in st if s.kind == "plain"] == [2, 2, 4, 4, 5]
+
+
+def test_zero_block_inflation_is_exact():
+    err, infl = _inflated_matches(randomized(zoo.resnet20()), randomized(zoo.resnet26(), 1), (8, 3, 32, 32))
+    assert err <= 1e-5 and infl.deviation <= 1e-5
+    assert len(infl.inserted) == 3 and infl.zero_params            # one zero block per stage
+    assert len(find_stages(lower(infl.module, torch.randn(2, 3, 32, 32)))[0].pieces) == 5
+
+
+@pytest.mark.parametrize("bn", [False, True], ids=["relu", "bn-relu"])
+def test_identity_layer_inflation_is_exact(bn):
+    a = randomized(zoo.vgg13(width=0.25, batch_norm=bn))
+    b = randomized(zoo.vgg19(width=0.25, batch_norm=bn), 1)
+    err, infl = _inflated_matches(a, b, (8, 3, 32, 32))
+    assert err <= 1e-5 and not infl.zero_params
+    assert sum(int(s.split(":")[1].split()[0]) for s in infl.inserted) == 6   # 19 - 13 layers
+
+
+def _tanh_mlp(hidden: int) -> nn.Module:
+    layers = [nn.Linear(8, 16), nn.Tanh()]
+    for _ in range(hidden):
+        layers += [nn.Linear(16, 16), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(16, 4))
+
+
+def test_non_idempotent_activation_reports_its_deviation():
+    torch.manual_seed(0)
+    a, b = _tanh_mlp(1), _tanh_mlp(3)
+    err, infl = _inflated_matches(a, b, (16, 8))
+    assert infl.deviation > 1e-3 and err > 1e-3              # tanh(tanh(x)) != tanh(x): measured
+    result = compile_merge(a, b, _data((16, 8)), progress=False)
+    note = [n for n in result.report.notes if "deviates" in n]
+    assert note and float(note[0].split("by ")[1].split()[0]) > 1e-3
+
+
+def test_merge_with_own_inflation_reproduces_a():
+    """merge(A, inflate(A)) = A: LMA finds where the zero blocks sit (their CKA ties are exact)."""
+    a = randomized(zoo.resnet20())
+    b_deep = zoo.resnet26()
+    data = _data((16, 3, 32, 32), 3)
+    plan = depth_plan(a, b_deep, data, progress=False)
+    a_deep = inflate(a, plan, "a", data[0]).module
+    result = compile_merge(a, a_deep, data, method="zip", depth="lma", repair=False, progress=False)
+    x = _data((4, 3, 32, 32), 1, seed=5)[0]
+    with torch.no_grad():
+        assert rel_err(a(x), result.module(x)) <= 1e-5
+
+
+PAIRS = {
+    "resnet20+resnet26": (lambda: zoo.resnet20(), lambda: zoo.resnet26(), (8, 3, 32, 32)),
+    "resnet26+resnet50": (lambda: zoo.resnet26(), lambda: zoo.resnet50_cifar(), (8, 3, 32, 32)),
+    "resnet50+resnet20": (lambda: zoo.resnet50_cifar(), lambda: zoo.resnet20(), (8, 3, 32, 32)),
+    "vgg13+vgg19": (lambda: zoo.vgg13(width=0.25), lambda: zoo.vgg19(width=0.25), (8, 3, 32, 32)),
+    "tv_resnet18+resnet34": (lambda: torchvision_model("resnet18", num_classes=10),
+                             lambda: torchvision_model("resnet34", num_classes=10), (4, 3, 64, 64)),
+    "tv_vgg11_bn+vgg16_bn": (lambda: torchvision_model("vgg11_bn", num_classes=10),
+                             lambda: torchvision_model("vgg16_bn", num_classes=10), (4, 3, 32, 32)),
+    "crossed_depths": (lambda: zoo.cifar_resnet((2, 4, 2)), lambda: zoo.cifar_resnet((4, 2, 3)),
+                       (8, 3, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_depth_hetero_pairs_merge_run_and_export(name, tmp_path):
+    make_a, make_b, shape = PAIRS[name]
+    a, b = randomized(make_a()), randomized(make_b(), 1)
+    snaps = copy.deepcopy(a.state_dict()), copy.deepcopy(b.state_dict())
+    result = compile_merge(a, b, _data(shape), method="zip", depth="lma", progress=False)
+    assert any(n.startswith("depth:") for n in result.report.notes)
+    assert any("inflated model deviates" in n for n in result.report.notes)
+    x = _data(shape, 1, seed=3)[0][:2]
+    assert result.module(x).shape == a(x).shape
+    assert all(torch.equal(v, a.state_dict()[k]) for k, v in snaps[0].items())
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in snaps[1].items())
+    assert_permutation_invariant(result.module, x)
+    assert result.to_onnx(tmp_path / "merged.onnx").max_abs_diff <= 1e-4
+
+
+def test_crossed_depths_inflate_both_models():
+    a, b = zoo.cifar_resnet((2, 4, 2)), zoo.cifar_resnet((4, 2, 3))
+    result = compile_merge(a, b, _data((8, 3, 32, 32)), method="zip", progress=False)
+    inserted = [n for n in result.report.notes if n.startswith("insert (") and "block" in n]
+    assert any("model a" in n for n in inserted) and any("model b" in n for n in inserted)
+    plan = result.report.depth
+    assert [al.deeper for al in plan.alignments[:3]] == ["b", "a", "b"]
+
+
+@pytest.mark.parametrize("depth", ["sma", "lma", "uniform"])
+def test_every_depth_method_with_every_matcher(depth):
+    a, b = randomized(zoo.resnet20()), randomized(zoo.resnet26(), 1)
+    x = _data((4, 3, 32, 32), 1, seed=3)[0]
+    outs = {}
+    for method in ("avg", "permute", "zip"):
+        m = compile_merge(a, b, _data((8, 3, 32, 32)), method=method, depth=depth, progress=False).module
+        outs[method] = m(x)
+        assert torch.isfinite(outs[method]).all()
+    assert not torch.allclose(outs["avg"], outs["zip"])
+
+
+def test_cka_heatmap_is_written(tmp_path):
+    result = compile_merge(zoo.resnet20(), zoo.resnet26(), _data((8, 3, 32, 32)), progress=False)
+    plan = result.report.depth
+    assert plan.cka.shape == (10, 13) and float(plan.cka.max()) <= 1 + 1e-6
+    png = result.report.plot_cka(tmp_path / "cka.png")
+    assert png.stat().st_size > 1000
+
+
+def test_unalignable_stages_are_a_clear_error():
+    with pytest.raises(IncompatibleModelsError, match=r"(?s)stages.*model a:.*stage 0.*model b:.*what to do"):
+        compile_merge(zoo.resnet20(), zoo.vgg13(width=0.25), _data((8, 3, 32, 32)), progress=False)
+
+
+def test_unknown_depth_method_lists_valid_names():
+    with pytest.raises(Exception, match="lma"):
+        compile_merge(zoo.resnet20(), zoo.resnet26(), _data((8, 3, 32, 32)), depth="lmb", progress=False)
