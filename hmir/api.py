@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from hmir.backend import emit
 from hmir.data import Calibration
+from hmir.dual import check_similarity_alpha
 from hmir.errors import CalibrationError, IncompatibleModelsError
 from hmir.frontends.fx import eval_mode, lower
 from hmir.ir import MergeIR
@@ -82,7 +83,8 @@ def _check_io(a, b, x, names) -> None:
 
 
 def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", depth: str = "lma",
-                  width="max", alpha: float = 0.5, beta: float = 0.5, repair: bool = True,
+                  width="max", alpha: float = 0.5, beta: float = 0.5,
+                  similarity_alpha: float | None = None, repair: bool = True,
                   max_batches: int | None = None, progress: bool = True,
                   names: tuple[str, str] = ("model a", "model b")) -> MergeResult:
     """Merge two trained models, of equal or different depth, into one, without training.
@@ -96,14 +98,20 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", dept
     model is inflated with zero blocks / identity layers first. Neither ``a`` nor ``b`` is
     modified. ``width``: the merged width of spaces whose widths differ (elastic zip):
     ``"max"``, ``"min"``, an int, a ratio of the larger width, or a per-space dict
-    (see :func:`hmir.passes.match.target_width`). The merged module lives on ``a``'s device
-    and dtype.
+    (see :func:`hmir.passes.match.target_width`). ``similarity_alpha``: None (default) matches
+    on activation correlation; a number α in [0, 1] matches on the dual-space (MuDSC)
+    similarity α·activation + (1−α)·weight (see :mod:`hmir.dual`) — not ZipIt's ``alpha``,
+    which is the decay of merged features' similarity. The merged module lives on ``a``'s
+    device and dtype.
     """
     check_method(method)
+    check_similarity_alpha(similarity_alpha, method)
     depth_opts = DepthOptions(depth)
     calib = Calibration(data, max_batches=max_batches)
     x = calib.example()
     opts = {"alpha": alpha, "beta": beta} if method == "zip" else {}
+    if similarity_alpha is not None:
+        opts["similarity_alpha"] = similarity_alpha
     report = MergeReport(names, ("fx", "fx"), method, {**opts, "depth": depth, "width": width})
     _check_io(a, b, x, names)
     with report.timed("trace"):
@@ -114,7 +122,8 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", dept
         ir_a, ir_b, plan = _align_depth(ir_a, ir_b, calib, x, depth_opts, report, progress, err)
         report.depth = plan
         pairs = pair_spaces(ir_a, ir_b)
-    module = _merge(ir_a, ir_b, pairs, calib, MatchOptions(method, alpha, beta, width=width),
+    module = _merge(ir_a, ir_b, pairs, calib, MatchOptions(method, alpha, beta, width=width,
+                                                            similarity_alpha=similarity_alpha),
                     report, progress)
     norms = has_norms(module)
     if repair and norms:

@@ -3,7 +3,13 @@
 Methods are registered in :data:`METHODS` (``avg``, ``permute``, ``zip``); fixed spaces
 (model input/output) are always averaged unaligned. Grouped spaces (group size > 1) are
 matched as whole groups first (Hungarian on per-group-pair scores summed over the group
-class), then unit by unit within each paired group; the report says so.
+class), then unit by unit within each paired group; the report says so. Group classes
+whose group counts or sizes differ go through rectangular group alignment
+(:mod:`hmir.groups`, zip methods only).
+
+With ``similarity_alpha`` set (MuDSC, :mod:`hmir.dual`), ungrouped free spaces are matched
+on ``α·activation + (1−α)·weight`` similarity, sweeping over the spaces until no match
+changes; ``None`` keeps the activation correlation plus a tiny weight tie-break.
 
 Example::
 
@@ -17,7 +23,9 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from hmir.dual import check_similarity_alpha, dual_sweeps
 from hmir.errors import MergeError
+from hmir.groups import match_groups_rect
 from hmir.ir import MergeIR, Space
 from hmir.matching import Match, _build, match_avg, match_keep, match_permute, match_zip
 from hmir.passes.observe import SpacePair, SpaceStats
@@ -26,7 +34,13 @@ from hmir.slicing import slice_index
 
 @dataclass(frozen=True)
 class MatchOptions:
-    """Options of the match pass: ``method`` and ZipIt's ``alpha``/``beta``."""
+    """Options of the match pass: ``method``, ZipIt's ``alpha``/``beta``, the merged ``width``.
+
+    ``similarity_alpha`` (None, or α in [0, 1]) switches on the dual-space similarity
+    ``α·S_act + (1−α)·S_weight`` (not ZipIt's ``alpha``, which decays merged features'
+    similarity); ``max_sweeps`` caps its sweeps over the spaces. ``tie_break`` weights the
+    producer-weight term of the default (``similarity_alpha=None``) similarity.
+    """
 
     method: str = "zip"
     alpha: float = 0.5
@@ -34,6 +48,8 @@ class MatchOptions:
     tie_break: float = 1e-3
     width: object = "max"
     name: str = "match"
+    similarity_alpha: float | None = None
+    max_sweeps: int = 8
 
 
 def target_width(spec, nA: int, nB: int, space: str = "") -> int:
@@ -104,6 +120,22 @@ def similarity(corr: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, tie: floa
     return corr + tie * (w @ w.T)
 
 
+def _row_length(s: Space, state: dict[str, torch.Tensor]) -> int:
+    """Entries per unit of :func:`producer_rows`, from shapes alone."""
+    return sum(state[sl.param].numel() // state[sl.param].shape[sl.dim] * sl.outer * sl.inner
+               for sl in s.producers())
+
+
+def _default_similarity(sa: Space, sb: Space, ir_a: MergeIR, ir_b: MergeIR, st: SpaceStats,
+                        states: tuple[dict, dict], tie: float) -> torch.Tensor:
+    """:func:`similarity`; the producer rows are only built when the tie-break can use them."""
+    corr = st.corr().float()
+    if tie == 0 or _row_length(sa, states[0]) != _row_length(sb, states[1]):
+        return corr
+    return similarity(corr, producer_rows(ir_a, sa, states[0]), producer_rows(ir_b, sb, states[1]),
+                      tie)
+
+
 def absent_pair(ir_a: MergeIR, ir_b: MergeIR, p: SpacePair) -> str | None:
     """``"a"``/``"b"`` when that side of the pair is a zero block's inner space (``meta["absent"]``)."""
     if p.a in ir_a.meta.get("absent", ()):
@@ -119,11 +151,13 @@ def match(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], stats: list[Spac
     other side's features unchanged (:func:`~hmir.matching.match_keep`).
     """
     check_method(opts.method)
+    check_similarity_alpha(opts.similarity_alpha, opts.method)
     out: list[Match | None] = [None] * len(pairs)
     notes: list[str] = []
     grouped: dict[int, list[int]] = {}
+    todo: list[int] = []
     kept = 0
-    for k, (p, st) in enumerate(zip(pairs, stats)):
+    for k, p in enumerate(pairs):
         sa, sb = ir_a.space(p.a), ir_b.space(p.b)
         side = absent_pair(ir_a, ir_b, p)
         if sa.fixed:                      # fuse moves the matrices to each tensor's device
@@ -131,27 +165,60 @@ def match(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], stats: list[Spac
         elif side is not None:
             out[k], kept = match_keep(sa.n, sb.n, "b" if side == "a" else "a"), kept + 1
         elif sa.group_size > 1 and opts.method != "avg":
-            if sa.n != sb.n or sa.group_size != sb.group_size:
-                raise MergeError(f"grouped space '{sa.name}' has {sa.groups}×{sa.group_size} units in "
-                                 f"{ir_a.name} and {sb.groups}×{sb.group_size} in {ir_b.name}: group "
-                                 f"alignment of different group counts or sizes is not supported yet")
             grouped.setdefault(sa.group_class, []).append(k)
         else:
-            r = _width(opts, sa, sb, ir_a, ir_b)
-            sim = similarity(st.corr().float(), producer_rows(ir_a, sa, state_a),
-                             producer_rows(ir_b, sb, state_b), opts.tie_break)
-            out[k] = METHODS[opts.method](sim, sa.n, sb.n, opts, r)
+            todo.append(k)
     for cls, ks in grouped.items():
-        for k, m in zip(ks, _match_group_class([stats[k] for k in ks],
-                                               [ir_a.space(pairs[k].a) for k in ks])):
-            out[k] = m
-        names = ", ".join(ir_a.space(pairs[k].a).name for k in ks)
-        notes.append(f"grouped spaces [{names}]: group alignment then within-group permutation "
-                     f"(method {opts.method!r} applies to ungrouped spaces)")
+        notes.append(_match_grouped(ir_a, ir_b, pairs, stats, opts, ks, out))
+    notes += _match_free(ir_a, ir_b, pairs, stats, opts, todo, out, (state_a, state_b))
     if kept:
         notes.append(f"{kept} inner space(s) of inserted zero blocks: kept the other model's "
                      f"features as they are (zero-block features are absent)")
     return out, notes
+
+
+def _match_free(ir_a, ir_b, pairs, stats, opts: MatchOptions, todo: list[int],
+                out: list, states: tuple[dict, dict]) -> list[str]:
+    """Match the ungrouped free pairs ``todo`` into ``out``; returns report notes."""
+    spaces = {k: (ir_a.space(pairs[k].a), ir_b.space(pairs[k].b)) for k in todo}
+    widths = {k: _width(opts, *spaces[k], ir_a, ir_b) for k in todo}
+
+    def solve(k: int, sim: torch.Tensor) -> Match:
+        return METHODS[opts.method](sim, spaces[k][0].n, spaces[k][1].n, opts, widths[k])
+
+    if opts.similarity_alpha is None:
+        for k in todo:
+            out[k] = solve(k, _default_similarity(*spaces[k], ir_a, ir_b, stats[k], states,
+                                                  opts.tie_break))
+        return []
+    a = float(opts.similarity_alpha)
+    run = dual_sweeps((ir_a, ir_b), pairs, lambda k: stats[k].corr().float(), todo, out, solve,
+                      states, alpha=a, max_sweeps=opts.max_sweeps)
+    return [run.note(a, len(todo))]
+
+
+def _match_grouped(ir_a, ir_b, pairs, stats, opts: MatchOptions, ks: list[int], out: list) -> str:
+    """Match the pairs ``ks`` of one group class into ``out``; returns the report note."""
+    sas, sbs = [ir_a.space(pairs[k].a) for k in ks], [ir_b.space(pairs[k].b) for k in ks]
+    names = ", ".join(s.name for s in sas)
+    if all(sa.n == sb.n and sa.group_size == sb.group_size for sa, sb in zip(sas, sbs)):
+        for k, m in zip(ks, _match_group_class([stats[k] for k in ks], sas)):
+            out[k] = m
+        return (f"grouped spaces [{names}]: group alignment then within-group permutation "
+                f"(method {opts.method!r} applies to ungrouped spaces)")
+    shape = f"{sas[0].groups} groups in {ir_a.name}, {sbs[0].groups} in {ir_b.name}"
+    if opts.method not in ELASTIC:
+        raise MergeError(f"grouped space '{sas[0].name}' has {sas[0].groups}×{sas[0].group_size} "
+                         f"units in {ir_a.name} and {sbs[0].groups}×{sbs[0].group_size} in "
+                         f"{ir_b.name}; method {opts.method!r} pairs units one to one: use "
+                         f"method='zip' (rectangular group alignment)")
+    widths = [target_width(opts.width, sa.n, sb.n, sa.name) for sa, sb in zip(sas, sbs)]
+    ms, assign = match_groups_rect([stats[k].corr().float() for k in ks], sas, sbs, widths,
+                                   alpha=opts.alpha, beta=opts.beta)
+    for k, m in zip(ks, ms):
+        out[k] = m
+    return (f"grouped spaces [{names}] ({shape}): rectangular group alignment, B groups per A "
+            f"group {assign}, then zip within each merged group")
 
 
 def _width(opts: MatchOptions, sa: Space, sb: Space, ir_a: MergeIR, ir_b: MergeIR) -> int:

@@ -1,0 +1,117 @@
+"""Rectangular group alignment: grouped spaces whose group counts or group sizes differ.
+
+A has ``GA`` groups of ``kA`` units, B ``GB`` groups of ``kB``; the merged model keeps A's
+architecture, hence ``GA`` groups of ``r / GA`` units (``r``: the merged width, a multiple
+of ``GA``). Each pair (A group g, B group h) is scored by the mean correlation of the best
+one-to-one matching of their units (rectangular Hungarian), summed over the spaces of one
+group class. Every B group is then assigned to one A group, each A group taking at most
+``ceil(GB / GA)`` of them (Hungarian on the score repeated per slot): with ``GB <= GA``
+this is a one-to-one pairing and the unpaired A groups are kept as they are. Within each
+merged group, A's units and the units of its B groups are zipped (elastic zip) to
+``r / GA`` units; merged groups are laid out in A's group order, so one group of the
+merged model only ever holds units of one A group and its B groups.
+
+Grouped convolutions need ``GA == GB`` (their merged weight is block diagonal in both
+models' groups); GroupNorm alone allows any counts.
+
+Example::
+
+    >>> import torch
+    >>> score = torch.tensor([[0.1, 0.9, 0.2, 0.8], [0.7, 0.1, 0.9, 0.1]])
+    >>> assign_groups(score)                 # 2 A groups, 4 B groups
+    [[1, 3], [0, 2]]
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from hmir.errors import MergeError
+from hmir.ir import Space
+from hmir.matching import Match, _build, match_zip
+
+__all__ = ["group_scores", "assign_groups", "match_groups_rect"]
+
+
+def _best_mean(block: torch.Tensor) -> float:
+    """Mean of the best one-to-one matching of a (kA, kB) block (rectangular Hungarian)."""
+    c = block.detach().cpu().double().numpy()
+    rows, cols = linear_sum_assignment(c, maximize=True)
+    return float(c[rows, cols].mean())
+
+
+def group_scores(corrs: list[torch.Tensor], spaces_a: list[Space],
+                 spaces_b: list[Space]) -> torch.Tensor:
+    """(GA, GB) group-pair scores summed over the spaces of one group class.
+
+    Example::
+
+        >>> group_scores([corr], [sa], [sb]).shape        # doctest: +SKIP
+        torch.Size([4, 2])
+    """
+    ga, gb = spaces_a[0].groups, spaces_b[0].groups
+    total = torch.zeros(ga, gb, dtype=torch.float64)
+    for corr, sa, sb in zip(corrs, spaces_a, spaces_b):
+        ka, kb = sa.group_size, sb.group_size
+        cross = corr[:sa.n, sa.n:].cpu()
+        for g in range(ga):
+            for h in range(gb):
+                total[g, h] += _best_mean(cross[g * ka:(g + 1) * ka, h * kb:(h + 1) * kb])
+    return total
+
+
+def assign_groups(score: torch.Tensor) -> list[list[int]]:
+    """Per A group, the B groups merged into it (each B group exactly once, balanced)."""
+    ga, gb = score.shape
+    slots = max(1, math.ceil(gb / ga))
+    rows, cols = linear_sum_assignment(score.repeat_interleave(slots, 0).double().numpy(),
+                                       maximize=True)
+    out: list[list[int]] = [[] for _ in range(ga)]
+    for r, h in sorted(zip(rows.tolist(), cols.tolist())):
+        out[r // slots].append(int(h))
+    return [sorted(hs) for hs in out]
+
+
+def _match_space(corr: torch.Tensor, sa: Space, sb: Space, assign: list[list[int]], r: int,
+                 alpha: float, beta: float) -> Match:
+    """Zip each A group with its B groups to ``r / GA`` units; groups in A's group order."""
+    if r % sa.groups:
+        raise MergeError(f"grouped space '{sa.name}': merged width {r} is not a whole number of "
+                         f"its {sa.groups} groups; ask for a width that is a multiple of {sa.groups}")
+    kr, groups = r // sa.groups, []
+    for g, hs in enumerate(assign):
+        ia = list(range(g * sa.group_size, (g + 1) * sa.group_size))
+        ib = [sa.n + h * sb.group_size + j for h in hs for j in range(sb.group_size)]
+        idx = torch.tensor(ia + ib)
+        if kr > len(idx):
+            raise MergeError(f"grouped space '{sa.name}': merged group {g} needs {kr} units but "
+                             f"A's group and its {len(hs)} B group(s) have only {len(idx)}; ask "
+                             f"for a smaller width (e.g. width='min')")
+        sub = corr[idx][:, idx]
+        m = match_zip(sub, len(ia), len(ib), kr, alpha=alpha, beta=beta)
+        groups += [tuple(int(idx[u]) for u in grp) for grp in m.groups]
+    return _build(groups, sa.n + sb.n, corr, corr.device, corr.dtype)
+
+
+def match_groups_rect(corrs: list[torch.Tensor], spaces_a: list[Space], spaces_b: list[Space],
+                      widths: list[int], *, alpha: float = 0.5,
+                      beta: float = 0.5) -> tuple[list[Match], list[list[int]]]:
+    """Matches of the spaces of one group class, and the group assignment they share.
+
+    Example::
+
+        >>> ms, assign = match_groups_rect([corr], [sa], [sb], [16])     # doctest: +SKIP
+    """
+    grouped_conv = [s.name for s in spaces_a + spaces_b if any(sl.grouped for sl in s.slices)]
+    ga, gb = spaces_a[0].groups, spaces_b[0].groups
+    if ga != gb and grouped_conv:
+        raise MergeError(f"grouped space '{grouped_conv[0]}' is read by a grouped convolution "
+                         f"with {ga} groups in one model and {gb} in the other: a merged grouped "
+                         f"convolution must keep both models' groups whole; merge models whose "
+                         f"grouped convolutions have equal group counts")
+    assign = assign_groups(group_scores(corrs, spaces_a, spaces_b))
+    matches = [_match_space(c, sa, sb, assign, r, alpha, beta)
+               for c, sa, sb, r in zip(corrs, spaces_a, spaces_b, widths)]
+    return matches, assign
