@@ -25,18 +25,20 @@ import torch.nn as nn
 from hmir.backend import emit
 from hmir.data import Calibration
 from hmir.dual import check_similarity_alpha
-from hmir.errors import CalibrationError, IncompatibleModelsError
+from hmir.errors import CalibrationError, IncompatibleModelsError, MergeError
 from hmir.frontends.fx import eval_mode, lower
+from hmir.interpolate import interpolate
 from hmir.ir import MergeIR
 from hmir.pairing import pair_spaces, param_map
 from hmir.passes.fuse import fuse
 from hmir.passes.depth import DepthOptions, check_stages
 from hmir.passes.depth import depth as depth_pass
 from hmir.passes.insert import absent_spaces, inflate_stages
-from hmir.passes.match import MatchOptions, absent_pair, check_method, match
+from hmir.passes.match import METHODS, MatchOptions, absent_pair, match
 from hmir.passes.observe import observe
 from hmir.passes.repair import has_norms
 from hmir.passes.repair import repair as repair_module
+from hmir.passes.weight_match import align_state, weight_match
 from hmir.report import MergeReport, SpaceReport
 from hmir.verify import verify
 
@@ -84,8 +86,8 @@ def _check_io(a, b, x, names) -> None:
 
 def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", depth: str = "lma",
                   width="max", alpha: float = 0.5, beta: float = 0.5,
-                  similarity_alpha: float | None = None, repair: bool = True,
-                  max_batches: int | None = None, progress: bool = True,
+                  similarity_alpha: float | None = None, lam: float = 0.5, layers=None,
+                  repair: bool = True, max_batches: int | None = None, progress: bool = True,
                   names: tuple[str, str] = ("model a", "model b")) -> MergeResult:
     """Merge two trained models, of equal or different depth, into one, without training.
 
@@ -101,15 +103,20 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", dept
     (see :func:`hmir.passes.match.target_width`). ``similarity_alpha``: None (default) matches
     on activation correlation; a number α in [0, 1] matches on the dual-space (MuDSC)
     similarity α·activation + (1−α)·weight (see :mod:`hmir.dual`) — not ZipIt's ``alpha``,
-    which is the decay of merged features' similarity. The merged module lives on ``a``'s
-    device and dtype.
+    which is the decay of merged features' similarity. ``method="mal"``: Model Assembly
+    Learning, the zero-padded generalised permutation of B onto A by weight matching, then
+    ``(1−λ)·W_A + λ·P(W_B)`` with ``lam`` for the tensors under the module prefixes
+    ``layers`` (all when None); the result keeps A's architecture (widths included) and
+    needs no activations except for ``repair``. The merged module lives on ``a``'s device
+    and dtype.
     """
-    check_method(method)
-    check_similarity_alpha(similarity_alpha, method)
+    _check_merge_method(method, similarity_alpha, lam)
     depth_opts = DepthOptions(depth)
     calib = Calibration(data, max_batches=max_batches)
     x = calib.example()
     opts = {"alpha": alpha, "beta": beta} if method == "zip" else {}
+    if method == "mal":
+        opts = {"lam": lam, "layers": layers}
     if similarity_alpha is not None:
         opts["similarity_alpha"] = similarity_alpha
     report = MergeReport(names, ("fx", "fx"), method, {**opts, "depth": depth, "width": width})
@@ -122,9 +129,11 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", dept
         ir_a, ir_b, plan = _align_depth(ir_a, ir_b, calib, x, depth_opts, report, progress, err)
         report.depth = plan
         pairs = pair_spaces(ir_a, ir_b)
-    module = _merge(ir_a, ir_b, pairs, calib, MatchOptions(method, alpha, beta, width=width,
-                                                            similarity_alpha=similarity_alpha),
-                    report, progress)
+    if method == "mal":
+        module = _merge_mal(ir_a, ir_b, pairs, lam, layers, report)
+    else:
+        module = _merge(ir_a, ir_b, pairs, calib, MatchOptions(
+            method, alpha, beta, width=width, similarity_alpha=similarity_alpha), report, progress)
     norms = has_norms(module)
     if repair and norms:
         with report.timed("repair"):
@@ -157,6 +166,41 @@ def _align_depth(ir_a, ir_b, calib, x, opts, report, progress, err):
         new.meta["absent"] = absent_spaces(new, infl.zero_params)
         irs.append(new)
     return irs[0], irs[1], plan
+
+
+def _check_merge_method(method: str, similarity_alpha, lam: float) -> None:
+    """Matching methods (:data:`hmir.passes.match.METHODS`) or ``"mal"`` (weight matching)."""
+    if method not in METHODS and method != "mal":
+        raise MergeError(f"unknown merge method {method!r}; valid methods: "
+                         f"{sorted([*METHODS, 'mal'])}")
+    if method != "mal":
+        check_similarity_alpha(similarity_alpha, method)
+        return
+    if similarity_alpha is not None:
+        raise MergeError("similarity_alpha has no effect with method='mal' (it matches weights "
+                         "only): use method='permute' or 'zip' for dual-space similarity")
+    if not 0 <= float(lam) <= 1:
+        raise MergeError(f"lam must be in [0, 1] (the share of aligned B), got {lam!r}")
+
+
+def _merge_mal(ir_a, ir_b, pairs, lam, layers, report) -> fx.GraphModule:
+    """weight_match → align_state → interpolate → emit, in A's architecture."""
+    state_a, state_b = ir_a.graph_module.state_dict(), ir_b.graph_module.state_dict()
+    names = param_map(ir_a, ir_b, pairs)
+    with report.timed("match"):
+        wm = weight_match(ir_a, ir_b, pairs, state_a, state_b, names=names)
+    report.notes += wm.notes + [f"mal: weight matching objective {wm.history[0]:.4g} → "
+                                f"{wm.objective:.4g} in {wm.sweeps} sweep(s)"]
+    with report.timed("fuse"):
+        aligned = align_state(ir_a, ir_b, state_b, wm, names=names, state_a=state_a)
+        state = interpolate(state_a, aligned, lam, layers=layers)
+        verify(ir_a, state)
+    with report.timed("emit"):
+        module = emit(ir_a, state, None)
+    for p in pairs:
+        sa, sb = ir_a.space(p.a), ir_b.space(p.b)
+        report.spaces.append(SpaceReport(sa.name, sa.n, sb.n, sa.n, float("nan"), sa.fixed))
+    return module
 
 
 def _merge(ir_a, ir_b, pairs, calib, opts, report, progress) -> fx.GraphModule:

@@ -229,3 +229,42 @@ def test_loss_along_lambda(tmp_path):
     both = plot_paths({"all": path, "flat": LambdaPath([0, 1], [1.0, 1.0], 0.0)}, tmp_path / "two.png")
     for f in (out, both):
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 1000
+
+
+def test_compile_merge_mal_recovers_the_narrow_model_and_keeps_a_architecture(resnets):
+    """method="mal": merging A with a function-preserving widened copy of itself gives A back."""
+    small, wide, *_ = resnets
+    from hmir import compile_merge
+
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    res = compile_merge(small, wide, batches, method="mal", lam=0.5, repair=False, progress=False)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (res.module(x) - small(x)).abs().max() <= 1e-5
+    assert {k: v.shape for k, v in res.module.state_dict().items()} == \
+        {k: v.shape for k, v in small.state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in wide.state_dict().items())   # inputs untouched
+    assert any("mal: weight matching objective" in n for n in res.report.notes)
+
+
+def test_compile_merge_mal_lambda_and_layers_on_unrelated_models():
+    from hmir import compile_merge
+
+    a, b = randomized(zoo.resnet20(1), seed=1), randomized(zoo.resnet20(2), seed=2)
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    x = torch.randn(4, 3, 32, 32)
+    zero = compile_merge(a, b, batches, method="mal", lam=0.0, repair=False, progress=False)
+    with torch.no_grad():
+        assert (zero.module(x) - a(x)).abs().max() <= 1e-5            # λ = 0 is A
+    part = compile_merge(a, b, batches, method="mal", lam=0.7, layers=["layer3"], repair=False,
+                         progress=False)
+    sa, sm = a.state_dict(), part.module.state_dict()
+    changed = {k.split(".")[0] for k in sa if sa[k].is_floating_point() and not torch.equal(sa[k], sm[k])}
+    assert changed == {"layer3"}
+    with pytest.raises(MergeError, match="lam must be in"):
+        compile_merge(a, b, batches, method="mal", lam=1.5, progress=False)
+    with pytest.raises(MergeError, match="similarity_alpha has no effect"):
+        compile_merge(a, b, batches, method="mal", similarity_alpha=0.5, progress=False)
+    with pytest.raises(MergeError, match="valid methods"):
+        compile_merge(a, b, batches, method="mall", progress=False)
