@@ -65,13 +65,13 @@ class CifarResNet(nn.Module):
     """
 
     def __init__(self, blocks: tuple[int, int, int], width: int = 1,
-                 in_channels: int = 3, num_outputs: int = 10) -> None:
+                 in_channels: int = 3, num_outputs: int = 10, base: int = 16) -> None:
         super().__init__()
         if len(blocks) != 3 or min(blocks) < 1:
             raise ValueError(f"blocks must be three positive counts, got {blocks!r}")
-        if width < 1:
-            raise ValueError(f"width must be >= 1, got {width!r}")
-        w16, w32, w64 = 16 * width, 32 * width, 64 * width
+        if width < 1 or base < 1:
+            raise ValueError(f"width and base must be >= 1, got width={width!r}, base={base!r}")
+        w16, w32, w64 = base * width, 2 * base * width, 4 * base * width
         self.stem = nn.Sequential(*_conv_bn(in_channels, w16), nn.ReLU())
         self.layer1 = self._stage(w16, w16, blocks[0], stride=1)
         self.layer2 = self._stage(w16, w32, blocks[1], stride=2)
@@ -91,8 +91,10 @@ class CifarResNet(nn.Module):
 
 
 def cifar_resnet(blocks: tuple[int, int, int], width: int = 1, in_channels: int = 3,
-                 num_outputs: int = 10) -> nn.Module:
+                 num_outputs: int = 10, base: int = 16) -> nn.Module:
     """A CIFAR-style ResNet with ``blocks`` BasicBlocks per stage and widths 16w/32w/64w.
+
+    ``base`` (default 16) scales all three stages: widths ``base·w``, ``2·base·w``, ``4·base·w``.
 
     Example::
 
@@ -100,7 +102,7 @@ def cifar_resnet(blocks: tuple[int, int, int], width: int = 1, in_channels: int 
         >>> m.fc.in_features
         128
     """
-    return CifarResNet(tuple(blocks), width, in_channels, num_outputs)
+    return CifarResNet(tuple(blocks), width, in_channels, num_outputs, base)
 
 
 def resnet20(width: int = 1, **kw) -> nn.Module:
