@@ -183,6 +183,10 @@ def _reference_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
 def plot_cka(C, path, *, labels_a=None, labels_b=None, alignment=None, title="") -> Path:
     """Heatmap of ``C`` (A units as rows, B units as columns), aligned cells marked; a PNG.
 
+    ``alignment``: one :class:`~hmir.alignment.Alignment` of the whole matrix, or a list of
+    ``(alignment, row_offset, col_offset)`` blocks (one per stage). Circles mark where the
+    shallower model's units are placed, crosses the inserted units (and whose output they carry).
+
     Example::
 
         >>> plot_cka(torch.eye(3), "/tmp/cka.png")    # doctest: +SKIP
@@ -202,8 +206,10 @@ def plot_cka(C, path, *, labels_a=None, labels_b=None, alignment=None, title="")
     ax.set_yticks(range(mA), labels_a if labels_a is not None else range(mA))
     ax.set_xlabel("model B units")
     ax.set_ylabel("model A units")
-    if alignment is not None:
-        _mark_alignment(ax, alignment, mA, mB)
+    blocks = alignment if isinstance(alignment, (list, tuple)) else [(alignment, 0, 0)]
+    for al, ra, rb in blocks:
+        if al is not None:
+            _mark_alignment(ax, al, ra, rb, mA, mB)
     ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
@@ -211,11 +217,13 @@ def plot_cka(C, path, *, labels_a=None, labels_b=None, alignment=None, title="")
     return path
 
 
-def _mark_alignment(ax, alignment, mA: int, mB: int) -> None:
+def _mark_alignment(ax, alignment, ra: int, rb: int, mA: int, mB: int) -> None:
     """Mark placed cells (deep ``G[i]``, shallow ``i``) with circles, inserted ones with crosses."""
-    if {alignment.m, alignment.n} != {mA, mB} or (alignment.deeper == "a") != (mA > mB):
-        raise MergeError(f"alignment of {alignment.m}×{alignment.n} units does not fit a "
-                               f"{mA}×{mB} CKA matrix")
+    rows_n, cols_n = ((alignment.m, alignment.n) if alignment.deeper == "a" else
+                      (alignment.n, alignment.m))
+    if ra + rows_n > mA or rb + cols_n > mB:
+        raise MergeError(f"alignment of {rows_n}×{cols_n} units at ({ra}, {rb}) does not fit a "
+                         f"{mA}×{mB} CKA matrix")
     placed = [(g, i) for i, g in enumerate(alignment.positions)]
     carried = [(j, alignment.source(j)) for j in alignment.inserted()]
     for cells, marker in ((placed, "o"), (carried, "x")):
@@ -223,5 +231,6 @@ def _mark_alignment(ax, alignment, mA: int, mB: int) -> None:
             continue
         deep, shallow = zip(*cells)
         rows, cols = (deep, shallow) if alignment.deeper != "b" else (shallow, deep)
+        rows, cols = [r + ra for r in rows], [c + rb for c in cols]
         style = {"facecolors": "none", "edgecolors": "red"} if marker == "o" else {"c": "red"}
         ax.scatter(cols, rows, marker=marker, s=60, linewidths=1.5, **style)

@@ -51,7 +51,8 @@ class MergeReport:
         if self.depth is None or not self.depth.labels_a:
             raise HMIRError("this merge aligned no stages of different depth: there is no CKA to plot")
         return plot_cka(self.depth.cka, path, labels_a=self.depth.labels_a,
-                        labels_b=self.depth.labels_b, title=title or " + ".join(self.models))
+                        labels_b=self.depth.labels_b, alignment=_cka_blocks(self.depth),
+                        title=title or " + ".join(self.models))
 
     @contextmanager
     def timed(self, name: str):
@@ -76,3 +77,13 @@ class MergeReport:
         lines.append("time per pass: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _cka_blocks(plan) -> list:
+    """``(alignment, row_offset, col_offset)`` of each stage in the plan's stacked CKA matrix."""
+    blocks, ra, rb = [], 0, 0
+    for sa, sb, al in zip(plan.stages_a, plan.stages_b, plan.alignments):
+        if len(sa.pieces) != len(sb.pieces):
+            blocks.append((al, ra, rb))
+            ra, rb = ra + len(sa.pieces), rb + len(sb.pieces)
+    return blocks

@@ -149,3 +149,15 @@ def test_plot_cka_writes_png(tmp_path):
     assert out2.stat().st_size > 1000
     with pytest.raises(MergeError, match="does not fit"):
         plot_cka(C, tmp_path / "bad.png", alignment=align(C.T, "sma"))
+
+
+def test_plot_cka_marks_per_stage_blocks(tmp_path):
+    """Stages stacked in one matrix: each block's alignment is drawn at its offsets."""
+    g = torch.Generator().manual_seed(1)
+    C1, C2 = torch.rand(3, 5, generator=g), torch.rand(4, 2, generator=g)
+    C = torch.zeros(7, 7)
+    C[:3, :5], C[3:, 5:] = C1, C2
+    blocks = [(align(C1, "lma"), 0, 0), (align(C2, "sma"), 3, 5)]
+    assert plot_cka(C, tmp_path / "stages.png", alignment=blocks).stat().st_size > 1000
+    with pytest.raises(MergeError, match=r"at \(4, 5\) does not fit"):
+        plot_cka(C, tmp_path / "bad.png", alignment=[(align(C2, "sma"), 4, 5)])
