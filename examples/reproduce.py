@@ -46,7 +46,7 @@ ARCHS = {
     "VGG-19": lambda w: zoo.vgg19(width=0.5 * w, batch_norm=True, in_channels=1, num_outputs=EMB),
 }
 SIZES = {
-    "small": dict(pairs=1, epochs=2, calib=256, families=[("VGG-13", "VGG-19")],
+    "small": dict(pairs=1, epochs=2, calib=512, families=[("VGG-13", "VGG-19")],
                   widths=[("ResNet-20", 1, 2)], alphas=[0.0, 0.5, 1.0]),
     "full": dict(pairs=3, epochs=2, calib=512, families=[("ResNet-26", "ResNet-50"), ("VGG-13", "VGG-19")],
                  widths=[("ResNet-20", 1, 2), ("ResNet-26", 1, 2), ("ResNet-20", 2, 4)],
