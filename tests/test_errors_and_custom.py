@@ -88,7 +88,7 @@ def test_bad_calibration_data(data, pattern):
 
 
 def test_unknown_method_lists_valid_ones():
-    with pytest.raises(MergeError, match=r"'zipp'.*\['avg', 'permute', 'zip'\]"):
+    with pytest.raises(MergeError, match=r"'zipp'.*\['avg', 'mal', 'permute', 'zip'\]"):
         compile_merge(zoo.resnet20(), zoo.resnet20(), _data(), method="zipp", progress=False)
 
 
