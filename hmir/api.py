@@ -26,7 +26,8 @@ from hmir.backend import emit
 from hmir.data import Calibration
 from hmir.dual import check_similarity_alpha
 from hmir.errors import CalibrationError, IncompatibleModelsError, MergeError
-from hmir.frontends.fx import eval_mode, lower
+from hmir.frontends.fx import eval_mode
+from hmir.frontends.select import check_frontend, lower_pair, relower
 from hmir.interpolate import interpolate
 from hmir.ir import MergeIR
 from hmir.pairing import pair_spaces, param_map
@@ -88,7 +89,8 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", dept
                   width="max", alpha: float = 0.5, beta: float = 0.5,
                   similarity_alpha: float | None = None, lam: float = 0.5, layers=None,
                   repair: bool = True, max_batches: int | None = None, progress: bool = True,
-                  names: tuple[str, str] = ("model a", "model b")) -> MergeResult:
+                  names: tuple[str, str] = ("model a", "model b"),
+                  frontend: str = "auto") -> MergeResult:
     """Merge two trained models, of equal or different depth, into one, without training.
 
     ``data`` is any iterable of batches (tensors or (input, target) tuples, e.g. a
@@ -108,9 +110,12 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", dept
     ``(1−λ)·W_A + λ·P(W_B)`` with ``lam`` for the tensors under the module prefixes
     ``layers`` (all when None); the result keeps A's architecture (widths included) and
     needs no activations except for ``repair``. The merged module lives on ``a``'s device
-    and dtype.
+    and dtype. ``frontend``: ``"auto"`` lowers with torch.fx.symbolic_trace and falls back
+    to torch.export when either model fails to trace (Hugging Face transformers), ``"fx"``
+    or ``"export"`` forces one; the report names the one used.
     """
     _check_merge_method(method, similarity_alpha, lam)
+    check_frontend(frontend)
     depth_opts = DepthOptions(depth)
     calib = Calibration(data, max_batches=max_batches)
     x = calib.example()
@@ -119,10 +124,11 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", dept
         opts = {"lam": lam, "layers": layers}
     if similarity_alpha is not None:
         opts["similarity_alpha"] = similarity_alpha
-    report = MergeReport(names, ("fx", "fx"), method, {**opts, "depth": depth, "width": width})
+    report = MergeReport(names, (frontend, frontend), method, {**opts, "depth": depth, "width": width})
     _check_io(a, b, x, names)
     with report.timed("trace"):
-        ir_a, ir_b = lower(a, x, names[0]), lower(b, x, names[1])
+        ir_a, ir_b, used, fe_notes = lower_pair(a, b, x, names, frontend)
+    report.frontends, report.notes = (used, used), report.notes + fe_notes
     try:
         pairs = pair_spaces(ir_a, ir_b)
     except IncompatibleModelsError as err:
@@ -162,7 +168,7 @@ def _align_depth(ir_a, ir_b, calib, x, opts, report, progress, err):
             report.notes.append(f"insert ({ir.name}): inflated model deviates from the original by "
                                 f"{infl.deviation:.2e} (relative max)")
         with report.timed("trace"):
-            new = lower(infl.module, x, ir.name)
+            new = relower(ir, infl.module, x)
         new.meta["absent"] = absent_spaces(new, infl.zero_params)
         irs.append(new)
     return irs[0], irs[1], plan
@@ -228,7 +234,7 @@ def _merge(ir_a, ir_b, pairs, calib, opts, report, progress) -> fx.GraphModule:
 
 
 def depth_plan(a: nn.Module, b: nn.Module, data, *, depth: str = "lma", progress: bool = True,
-               names: tuple[str, str] = ("model a", "model b")):
+               names: tuple[str, str] = ("model a", "model b"), frontend: str = "auto"):
     """Depth alignment of two models alone: stages, CKA of their units, per-stage alignment.
 
     Example::
@@ -240,5 +246,5 @@ def depth_plan(a: nn.Module, b: nn.Module, data, *, depth: str = "lma", progress
     """
     calib = Calibration(data)
     x = calib.example()
-    ir_a, ir_b = lower(a, x, names[0]), lower(b, x, names[1])
+    ir_a, ir_b, _, _ = lower_pair(a, b, x, names, frontend)
     return depth_pass(ir_a, ir_b, calib, DepthOptions(depth), progress=progress)

@@ -51,6 +51,7 @@ def emit(ir: MergeIR, state: dict[str, torch.Tensor],
         width = new_widths(ir, widths)
         _resize_modules(ir, merged, state, width)
         _rewrite_shape_args(ir, merged, width)
+        _rewrite_size_args(ir, merged, width)
         merged.recompile()
     _to_state_device(merged, state)
     merged.load_state_dict(state, strict=True)
@@ -155,6 +156,20 @@ def _rewrite_shape_args(ir: MergeIR, gm: fx.GraphModule, width: dict[int, int]) 
                                  hint="compute the size from the tensor (x.size(d)) or use -1")
             new[d] = axis_extent(axis, width)
         _set_sizes(node, where, new)
+
+
+def _rewrite_size_args(ir: MergeIR, gm: fx.GraphModule, width: dict[int, int]) -> None:
+    """Literal sizes the frontend listed in ``ir.meta["size_args"]`` ({node: [(arg, index, kind,
+    what)]}): kind "extent" is an axis's extent (layer_norm's shape), "units" a space's units
+    per group (a head's size in ``view(B, S, H, d)``; the group count is kept)."""
+    groups = {s.id: s.groups for s in ir.spaces}
+    todo = ir.meta.get("size_args", {})
+    for node in gm.graph.nodes:
+        for arg, index, kind, what in todo.get(node.name, ()):
+            new = axis_extent(what, width) if kind == "extent" else width[what] // groups[what]
+            sizes = list(node.args[arg])
+            sizes[index] = new
+            node.update_arg(arg, type(node.args[arg])(sizes))
 
 
 def _sizes(node: fx.Node):

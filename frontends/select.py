@@ -1,0 +1,67 @@
+"""Frontend selection: symbolic_trace first, torch.export when tracing or lowering fails.
+
+Example::
+
+    >>> ir_a, ir_b, used, notes = lower_pair(bert_a, bert_b, ids, ("a", "b"))  # doctest: +SKIP
+    >>> used
+    'export'
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from hmir.errors import HMIRError, LoweringError
+from hmir.ir import MergeIR
+
+FRONTENDS = ("auto", "fx", "export")
+
+
+def check_frontend(frontend: str) -> None:
+    if frontend not in FRONTENDS:
+        raise HMIRError(f"unknown frontend {frontend!r}; valid: {list(FRONTENDS)} ('auto' tries "
+                        f"torch.fx.symbolic_trace first and torch.export when it fails)")
+
+
+def lower_with(frontend: str, model: nn.Module, example: torch.Tensor, name: str) -> MergeIR:
+    """Lower ``model`` with the named frontend (``"fx"`` or ``"export"``)."""
+    if frontend == "export":
+        from hmir.frontends.export import lower
+    else:
+        from hmir.frontends.fx import lower
+    return lower(model, example, name)
+
+
+def relower(ir: MergeIR, gm: fx.GraphModule, example: torch.Tensor) -> MergeIR:
+    """Lower a graph module hmir derived from ``ir``'s graph (e.g. inflated) with ``ir``'s frontend."""
+    if ir.frontend == "export":
+        from hmir.frontends.export import lower_graph
+
+        return lower_graph(gm, example, ir.name)
+    from hmir.frontends.fx import lower
+
+    return lower(gm, example, ir.name)
+
+
+def lower_pair(a: nn.Module, b: nn.Module, example: torch.Tensor, names: tuple[str, str],
+               frontend: str = "auto") -> tuple[MergeIR, MergeIR, str, list[str]]:
+    """Both models lowered with one frontend; returns the IRs, the frontend used and notes.
+
+    ``"auto"``: symbolic_trace for both; if either fails to trace or lower, torch.export
+    for both (two models of one structure must be lowered alike), and a note says why.
+    """
+    check_frontend(frontend)
+    if frontend != "auto":
+        return (lower_with(frontend, a, example, names[0]),
+                lower_with(frontend, b, example, names[1]), frontend, [])
+    try:
+        return (lower_with("fx", a, example, names[0]), lower_with("fx", b, example, names[1]),
+                "fx", [])
+    except LoweringError as e:
+        why = str(e).splitlines()[0][:300]
+    try:
+        irs = lower_with("export", a, example, names[0]), lower_with("export", b, example, names[1])
+    except LoweringError as e:
+        raise type(e)(f"{e}\n  (frontend='auto': symbolic_trace failed first: {why})") from e
+    return (*irs, "export", [f"frontend: torch.export (symbolic_trace failed: {why})"])

@@ -1,0 +1,163 @@
+"""Transformers through the torch.export frontend: heads as grouped spaces, permutation
+invariance, merge(A, A) = A, merge(A, head-permuted A) recovers A, frontend selection."""
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import randomized, rel_err
+from hmir import compile_merge, zoo
+from hmir.errors import HMIRError, TraceError, UnsupportedOpError
+from hmir.frontends.export import lower as export_lower
+from hmir.permute import permute_state, random_permutation
+
+transformers = pytest.importorskip("transformers")
+
+
+def bert(cls="BertForSequenceClassification", hidden=64, layers=2, heads=4, seed=0, **kw):
+    cfg = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=layers,
+                                  num_attention_heads=heads, intermediate_size=2 * hidden,
+                                  vocab_size=100, max_position_embeddings=32, num_labels=3,
+                                  initializer_range=0.2, **kw)   # attention far from uniform
+    torch.manual_seed(seed)
+    return randomized(getattr(transformers, cls)(cfg), seed)
+
+
+def vit(seed=0, layers=2):
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(seed)
+    m = VisionTransformer(image_size=32, patch_size=8, num_layers=layers, num_heads=4,
+                          hidden_dim=64, mlp_dim=128, num_classes=10)
+    nn.init.normal_(m.heads.head.weight, std=0.2)        # torchvision zero-inits the head
+    return randomized(m, seed)
+
+
+def tokens(n=4, batch=16, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 100, (batch, seq), generator=g) for _ in range(n)]
+
+
+def images(n=4, batch=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(n)]
+
+
+def out(model, x):
+    with torch.no_grad():
+        y = model(x)
+    return y if isinstance(y, torch.Tensor) else torch.cat([t.flatten(1) for t in y.values()], 1)
+
+
+def permuted(model, ir, seed=1):
+    perms = random_permutation(ir, seed)
+    p = copy.deepcopy(model)
+    p.load_state_dict(permute_state(ir, model.state_dict(), perms))
+    return p, perms
+
+
+MODELS = {
+    "BertModel": (lambda: bert("BertModel"), tokens),
+    "BertForSequenceClassification": (bert, tokens),
+    "vit": (vit, images),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_permutation_invariance(name):
+    """Property 1 on the aten graph: every free space (heads as wholes, units within heads)."""
+    make, data = MODELS[name]
+    model, x = make(), data(1, batch=5)[0]
+    ir = export_lower(model, x[:2], name)
+    assert ir.frontend == "export"
+    p, perms = permuted(model, ir)
+    heads = [s for s in ir.spaces if s.group_size > 1]
+    assert heads and all(s.groups == 4 for s in heads)
+    assert any(not torch.equal(perms[s.id].view(4, -1)[:, 0] // s.group_size, torch.arange(4))
+               for s in heads), "no head moved"
+    assert rel_err(out(model, x), out(p, x)) <= 1e-5
+    wrong = copy.deepcopy(model)
+    sd = wrong.state_dict()
+    qk = next(sl.param for sl in heads[0].producers())
+    sd[qk] = sd[qk][torch.randperm(sd[qk].shape[0], generator=torch.Generator().manual_seed(0))]
+    wrong.load_state_dict(sd)
+    assert rel_err(out(model, x), out(wrong, x)) > 1e-3       # the check can fail
+
+
+def test_attention_spaces():
+    """q and k share one head-grouped space, v with the output projection another, one group
+    class; the residual stream is fixed for BertModel (its output) and free with a classifier."""
+    x = tokens(1, batch=2)[0]
+    for cls, fixed in (("BertModel", True), ("BertForSequenceClassification", False)):
+        ir = export_lower(bert(cls), x, cls)
+        qk = [s for s in ir.spaces if s.group_size == 16 and any(".query." in sl.param for sl in s.slices)]
+        v = [s for s in ir.spaces if s.group_size == 16 and any(".value." in sl.param for sl in s.slices)]
+        assert len(qk) == len(v) == 2
+        for a, b in zip(qk, v):
+            assert any(".key." in sl.param for sl in a.slices) and a.group_class == b.group_class
+            assert any("attention.output.dense.weight" in sl.param for sl in b.consumers())
+        assert ir.space(0).fixed is fixed
+
+
+@pytest.mark.parametrize("name", ["BertForSequenceClassification", "vit"])
+@pytest.mark.parametrize("method", ["avg", "zip", "permute"])
+def test_merge_with_itself(name, method):
+    """Property 2: merge(A, A) = A for every method; the report says torch.export was used."""
+    make, data = MODELS[name]
+    model, batches = make(), data()
+    r = compile_merge(model, model, batches, method=method, progress=False)
+    assert r.report.frontends == ("export", "export")
+    assert any("frontend: torch.export" in n for n in r.report.notes)
+    assert rel_err(out(model, batches[0]), out(r.module, batches[0])) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["BertForSequenceClassification", "vit"])
+def test_merge_recovers_head_permutation(name):
+    """Property 2: merge(A, perm(A)) with 'permute' recovers heads and units within heads."""
+    make, data = MODELS[name]
+    model, batches = make(), data()
+    ir = export_lower(model, batches[0][:2], name)
+    p, _ = permuted(model, ir, seed=3)
+    r = compile_merge(model, p, batches, method="permute", progress=False, frontend="export")
+    assert rel_err(out(model, batches[0]), out(r.module, batches[0])) <= 1e-5
+    assert any("group alignment" in n for n in r.report.notes)
+    assert r.to_onnx(f"/tmp/hmir_test_{name}.onnx").max_abs_diff <= 1e-4
+
+
+def test_frontend_choice():
+    """'fx' on BERT fails to trace; 'export' on a traceable CNN gives fx's spaces; bad names fail."""
+    batches = tokens(2)
+    with pytest.raises(TraceError, match="symbolic_trace"):
+        compile_merge(bert(), bert(), batches, frontend="fx", progress=False)
+    with pytest.raises(HMIRError, match="unknown frontend"):
+        compile_merge(bert(), bert(), batches, frontend="onnx", progress=False)
+    cnn, imgs = zoo.resnet20(), images(2)
+    r = compile_merge(cnn, cnn, imgs, progress=False)
+    assert r.report.frontends == ("fx", "fx")
+    from hmir.frontends.fx import lower as fx_lower
+
+    e, f = export_lower(cnn, imgs[0][:2]), fx_lower(cnn, imgs[0][:2])
+    assert [(s.n, s.fixed, len(s.slices)) for s in e.spaces] == \
+        [(s.n, s.fixed, len(s.slices)) for s in f.spaces]
+
+
+class _Flip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x).flip(-1)
+
+
+def test_unsupported_aten_op_names_itself_and_source_line():
+    with pytest.raises(UnsupportedOpError) as err:
+        export_lower(_Flip(), torch.randn(2, 8), "flipper")
+    msg = str(err.value)
+    line = inspect.getsourcelines(_Flip.forward)[1] + 1
+    assert "flipper" in msg and "aten.flip" in msg
+    assert f"test_transformers.py:{line}" in msg and "register_aten" in msg
