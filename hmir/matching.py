@@ -22,6 +22,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from hmir.errors import MergeError
+from hmir.zipping import FastZip, ZipState
 
 __all__ = ["Match", "MatchingError", "correlation", "match_avg", "match_keep", "match_permute",
            "match_zip", "zip_reference"]
@@ -79,7 +80,9 @@ def _check_corr(corr: torch.Tensor, nA: int, nB: int) -> torch.Tensor:
     n = nA + nB
     if not isinstance(corr, torch.Tensor) or tuple(corr.shape) != (n, n):
         raise MatchingError(f"corr must be a ({n}, {n}) tensor for nA={nA}, nB={nB}")
-    if not corr.is_floating_point() or not bool(torch.isfinite(corr).all()):
+    # a finite sum rules out inf and NaN; only an overflowing sum needs the full check
+    if not corr.is_floating_point() or not (bool(torch.isfinite(corr.sum()))
+                                            or bool(torch.isfinite(corr).all())):
         raise MatchingError("corr must be a finite floating-point tensor")
     return corr
 
@@ -167,52 +170,6 @@ def match_permute(corr: torch.Tensor, nA: int, nB: int) -> Match:
     return _build(groups, nA + nB, corr, corr.device, corr.dtype)
 
 
-class _ZipState:
-    """Book-keeping shared by both zip implementations: similarities, groups, budgets."""
-
-    def __init__(self, corr: torch.Tensor, nA: int, nB: int, alpha: float, beta: float):
-        dev = corr.device
-        self.n, self.alpha, self.S = nA + nB, alpha, 0.5 * (corr + corr.T).detach()
-        self.alive = torch.ones(self.n, dtype=torch.bool, device=dev)
-        self.cols = torch.arange(self.n, device=dev)
-        self.kinds = [0] * nA + [1] * nB  # 0: only A, 1: only B, 2: mixed
-        self.kind = torch.tensor(self.kinds, dtype=torch.long, device=dev)
-        self.members, self.used = [[k] for k in range(self.n)], [0, 0]
-        self.caps = [math.floor(beta * nA + 1e-9), math.floor(beta * nB + 1e-9)]
-        self.exhausted = torch.tensor([c == 0 for c in self.caps] + [False], device=dev)
-
-    def blocked(self, rows: torch.Tensor) -> torch.Tensor:
-        """(len(rows), n) mask of pairs that are within-model for an exhausted model."""
-        kr = self.kind[rows]
-        return (kr[:, None] == self.kind[None, :]) & self.exhausted[kr][:, None]
-
-    def merge(self, i: int, j: int) -> int | None:
-        """Merge j into i (i < j); returns the model whose budget just ran out, if any."""
-        row = self.alpha * torch.minimum(self.S[i], self.S[j])
-        self.S[i], self.S[:, i] = row, row  # S stays symmetric
-        self.alive[j] = False
-        self.members[i], self.members[j] = self.members[i] + self.members[j], []
-        ki, kj = self.kinds[i], self.kinds[j]
-        self.kinds[i] = ki if ki == kj else 2
-        self.kind[i] = self.kinds[i]
-        if ki == kj != 2:
-            self.used[ki] += 1
-            if self.used[ki] >= self.caps[ki]:
-                self.exhausted[ki] = True
-                return ki
-        return None
-
-    def stuck(self, done: int, needed: int) -> MatchingError:
-        """The error for a run that cannot make the merges it needs."""
-        return MatchingError(f"zip: only {done} of {needed} merges possible under the "
-                             f"within-model budget {self.caps} (raise beta or r)")
-
-    def result(self, corr: torch.Tensor) -> Match:
-        """The Match of the current groups, ordered by their smallest member."""
-        groups = [tuple(sorted(m)) for m in self.members if m]
-        return _build(groups, self.n, corr, corr.device, corr.dtype)
-
-
 def _zip_args(corr: torch.Tensor, nA: int, nB: int, r: int | None,
               alpha: float, beta: float) -> int:
     """Validate zip arguments; returns r."""
@@ -236,46 +193,16 @@ def zip_reference(corr: torch.Tensor, nA: int, nB: int, r: int | None = None, *,
         [(0, 3), (1, 2)]
     """
     r = _zip_args(corr, nA, nB, r, alpha, beta)
-    st, n = _ZipState(corr, nA, nB, alpha, beta), nA + nB
+    st, n = ZipState(corr, nA, nB, alpha, beta), nA + nB
     upper = torch.ones(n, n, dtype=torch.bool, device=corr.device).triu(1)
     for step in range(n - r):
         valid = upper & st.alive[:, None] & st.alive[None, :] & ~st.blocked(st.cols)
         masked = st.S.masked_fill(~valid, -math.inf)
         i, j = divmod(int(torch.argmax(masked)), n)
         if not bool(valid[i, j]):
-            raise st.stuck(step, n - r)
+            raise MatchingError(st.stuck(step, n - r))
         st.merge(i, j)
-    return st.result(corr)
-
-
-def _refresh(st: _ZipState, rows: torch.Tensor, rowmax: torch.Tensor,
-             rowarg: torch.Tensor) -> None:
-    """Recompute max / first argmax over allowed alive columns c > row, for ``rows``."""
-    cols, chunk = st.cols, max(1, (1 << 21) // max(st.n, 1))
-    for lo in range(0, rows.numel(), chunk):
-        rr = rows[lo:lo + chunk]
-        ok = st.alive[None, :] & (cols[None, :] > rr[:, None]) & ~st.blocked(rr)
-        sub = st.S[rr].masked_fill(~ok, -math.inf)
-        best = sub.amax(dim=1)
-        arg = torch.where(sub == best[:, None], cols, st.n).amin(dim=1)
-        rowmax[rr] = best
-        rowarg[rr] = arg.masked_fill(best == -math.inf, st.n)
-
-
-def _after_merge(st: _ZipState, i: int, j: int, rowmax: torch.Tensor,
-                 rowarg: torch.Tensor) -> torch.Tensor:
-    """Patch the row caches for column i's new values; returns the rows to recompute."""
-    rowmax[j], rowarg[j] = -math.inf, st.n
-    lower = st.alive & (st.cols < i)
-    shut = (st.kind == st.kind[i]) & st.exhausted[st.kind[i]]
-    v = st.S[i].masked_fill(~lower | shut, -math.inf)
-    # Only rows k < i can point at i; dead rows hold (-inf, n), so neither term needs a mask.
-    redo = ((rowarg == i) & (v < rowmax)) | (rowarg == j)
-    better = (v > -math.inf) & ((v > rowmax) | ((v == rowmax) & (rowarg > i)))
-    rowmax.copy_(torch.where(better, v, rowmax))
-    rowarg.masked_fill_(better, i)
-    redo[i] = True
-    return redo.nonzero().squeeze(1)
+    return _build(st.groups(), n, corr, corr.device, corr.dtype)
 
 
 def match_zip(corr: torch.Tensor, nA: int, nB: int, r: int | None = None, *,
@@ -284,8 +211,9 @@ def match_zip(corr: torch.Tensor, nA: int, nB: int, r: int | None = None, *,
 
     Merges the most similar allowed alive pair (ties: smallest (i, j)); a merged feature's
     similarity to k becomes ``alpha * min(S[i,k], S[j,k])``; model m may merge within
-    itself at most ``floor(beta * n_m)`` times. Caches each row's max over columns c > row
-    and recomputes only the rows a merge affects; on CPU the loop runs on one thread.
+    itself at most ``floor(beta * n_m)`` times. Caches each row's best partner and
+    recomputes only the rows a merge affects (:class:`hmir.zipping.FastZip`); on CPU the
+    loop runs on one thread.
 
     Example::
 
@@ -298,21 +226,12 @@ def match_zip(corr: torch.Tensor, nA: int, nB: int, r: int | None = None, *,
     if corr.device.type == "cpu":  # tiny ops per step: more threads only stall a busy CPU
         torch.set_num_threads(1)
     try:
-        st = _ZipState(corr, nA, nB, alpha, beta)
-        rowmax = torch.full((st.n,), -math.inf, dtype=corr.dtype, device=corr.device)
-        rowarg = torch.full((st.n,), st.n, dtype=torch.long, device=corr.device)
-        _refresh(st, st.cols, rowmax, rowarg)
+        st = FastZip(corr, nA, nB, alpha, beta)
         for step in range(st.n - r):
-            i = int(torch.argmax(rowmax))
-            j = int(rowarg[i])
-            if j >= st.n:
-                raise st.stuck(step, st.n - r)
-            ran_out = st.merge(i, j)
-            rows = _after_merge(st, i, j, rowmax, rowarg)
-            if ran_out is not None:
-                block = torch.nonzero(st.alive & (st.kind == ran_out)).squeeze(1)
-                rows = torch.unique(torch.cat([rows, block]))
-            _refresh(st, rows, rowmax, rowarg)
-        return st.result(corr)
+            pair = st.best()
+            if pair is None:
+                raise MatchingError(st.stuck(step, st.n - r))
+            st.step(*pair)
+        return _build(st.groups(), st.n, corr, corr.device, corr.dtype)
     finally:
         torch.set_num_threads(threads)
