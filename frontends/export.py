@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 import torch.fx as fx
@@ -111,7 +112,26 @@ def export_graph(model: nn.Module, example: torch.Tensor, name: str = "model") -
             + "\n  what to do: make forward() exportable (no data-dependent control flow, the "
               "batch size not hard-coded), or try frontend='fx'") from e
     gm = ep.module()            # its class refuses eval()/train(): rebuild a plain GraphModule
-    return fx.GraphModule(gm, gm.graph, type(model).__name__)
+    gm = fx.GraphModule(gm, gm.graph, type(model).__name__)
+    _hoist_shape_nodes(gm)
+    return gm
+
+
+def _hoist_shape_nodes(gm: fx.GraphModule) -> None:
+    """Move nodes computed from shapes and constants only (sizes, masks, position ids) to the
+    top, so that a copied layer never reads one defined later (export defines each at first use)."""
+    nodes = list(gm.graph.nodes)
+    anchor = [n for n in nodes if n.op in ("placeholder", "get_attr")][-1]
+    shape: set[fx.Node] = set()
+    for n in nodes:
+        ins = n.all_input_nodes
+        if n.op == "call_function" and (n.target is torch.ops.aten.sym_size.int or all(
+                i.op == "get_attr" or i in shape for i in ins)):
+            shape.add(n)
+            anchor.append(n)
+            anchor = n
+    gm.graph.lint()
+    gm.recompile()
 
 
 def lower(model: nn.Module, example: torch.Tensor, name: str = "model") -> MergeIR:
@@ -137,8 +157,34 @@ def lower_graph(gm: fx.GraphModule, example: torch.Tensor, name: str = "model") 
                 not t.is_floating_point() or p.endswith("num_batches_tracked")):
             b.declare(p, reason="integer buffer (no feature dim)")
     ir = b.finalize("export")
+    ir.meta["unit_labels"] = block_labels(gm)
     verify(ir)
     return ir
+
+
+_NUMBERED = re.compile(r"(^|[._])\d+$")
+_PARAM_OPS = ("linear", "conv1d", "conv2d", "conv3d")
+
+
+def block_labels(gm: fx.GraphModule) -> dict[str, str]:
+    """Node → its block: the outermost numbered submodule (``encoder.layer.3``) holding at
+    least two linear/conv ops; nodes hmir inserted carry ``meta["hmir_block"]``."""
+    stacks = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            paths = [p for p, _ in (n.meta.get("nn_module_stack") or {}).values()]
+            stacks[n] = [p for p in paths if _NUMBERED.search(p)]
+    heavy: dict[str, int] = {}
+    for n, paths in stacks.items():
+        if getattr(n.target, "__name__", "").split(".")[0] in _PARAM_OPS:
+            for p in paths:
+                heavy[p] = heavy.get(p, 0) + 1
+    out = {}
+    for n, paths in stacks.items():
+        label = n.meta.get("hmir_block") or next((p for p in paths if heavy.get(p, 0) >= 2), None)
+        if label:
+            out[n.name] = label
+    return out
 
 
 def _shape(node: fx.Node):

@@ -136,21 +136,31 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
 
 
 def find_pieces(ir: MergeIR) -> list[Piece]:
-    """The model's pieces in order (see the module docstring)."""
+    """The model's pieces in order (see the module docstring).
+
+    Where the frontend labels nodes with their block (``ir.meta["unit_labels"]``: node →
+    e.g. ``"encoder.layer.3"``), the segments of one block form one piece, and a segment of
+    no block never joins a block's piece (a final LayerNorm after the last layer).
+    """
     gm = ir.graph_module
     chain = cut_chain(gm)
     by_name = {n.name: n for n in gm.graph.nodes}
-    groups: list[list] = []         # [inp, [nodes]]
+    labels = ir.meta.get("unit_labels", {})
+    groups: list[list] = []         # [inp, [nodes], block label]
     for k, seg in enumerate(_segments(ir, chain)):
         inp, out = chain[k], chain[k + 1]
         heavy = any(_creates(ir, n) for n in seg)
         keeps = _shape(inp) == _shape(out) and _spaces(ir, inp.name) == _spaces(ir, out.name)
-        if groups and not heavy and keeps:
+        label = next((labels[n.name] for n in seg if labels.get(n.name)), None)
+        same = not groups or groups[-1][2] is None or groups[-1][2] == label
+        if groups and label is not None and groups[-1][2] == label:
+            groups[-1][1].extend(seg)       # one block (a transformer layer) is one piece
+        elif groups and not heavy and keeps and same:
             groups[-1][1].extend(seg)
         else:
-            groups.append([inp, list(seg)])
+            groups.append([inp, list(seg), label])
     pieces = []
-    for inp, nodes in groups:
+    for inp, nodes, _ in groups:
         out = nodes[-1]
         pieces.append(Piece(inp.name, out.name, tuple(n.name for n in nodes),
                             _kind(ir, inp, out, nodes), _shape(inp), _shape(by_name[out.name])))

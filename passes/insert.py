@@ -134,8 +134,16 @@ def _splice(gm: fx.GraphModule, anchor: fx.Node, src: fx.GraphModule, own: bool,
 
     for name in piece.nodes:
         tn = nodes[name]
+        for i, a in enumerate(tn.args):       # aten graphs: parameters are get_attr inputs
+            if isinstance(a, fx.Node) and a.op == "get_attr" and a not in env:
+                if make is not _make_zero:
+                    raise MergeError(f"cannot insert an identity layer into an exported (aten) "
+                                     f"graph at '{piece.out}': only zero blocks are supported there")
+                env[a] = last = _copy_attr(gm, src, a, prefix, _fill(tn, i), last)
+                params.append(last.target)
         with gm.graph.inserting_after(last):
             new = gm.graph.node_copy(tn, arg)
+        new.meta["hmir_block"] = prefix
         if tn.op == "call_module":
             mod = copy.deepcopy(src.get_submodule(tn.target))
             with torch.no_grad():
@@ -149,6 +157,36 @@ def _splice(gm: fx.GraphModule, anchor: fx.Node, src: fx.GraphModule, own: bool,
     for u in users:
         u.replace_input_with(anchor, out)
     return out, params
+
+
+# fill of a zero block's tensors read by an aten op at an argument position (default 0): the
+# LayerNorm scale 1 keeps a post-norm stream's scale (x + 0 normalised), BatchNorm variance 1
+ATTR_FILL = {"layer_norm": {2: 1.0}, "batch_norm": {4: 1.0}}
+
+
+def _fill(node: fx.Node, index: int) -> float:
+    packet = getattr(node.target, "__name__", "").split(".")[0]
+    return ATTR_FILL.get(packet, {}).get(index, 0.0)
+
+
+def _copy_attr(gm: fx.GraphModule, src: fx.GraphModule, a: fx.Node, prefix: str, fill: float,
+               after: fx.Node) -> fx.Node:
+    """A filled copy of ``src``'s tensor ``a.target`` under ``prefix``, read by a new get_attr."""
+    t = src.get_parameter(a.target) if a.target in dict(src.named_parameters()) else \
+        src.get_buffer(a.target)
+    try:
+        holder = gm.get_submodule(prefix)
+    except AttributeError:
+        holder = nn.Module()
+        gm.add_submodule(prefix, holder)
+    leaf = a.target.replace(".", "_")
+    value = torch.full_like(t.detach(), fill)
+    if isinstance(t, nn.Parameter):
+        holder.register_parameter(leaf, nn.Parameter(value, requires_grad=t.requires_grad))
+    else:
+        holder.register_buffer(leaf, value)
+    with gm.graph.inserting_after(after):
+        return gm.graph.get_attr(f"{prefix}.{leaf}")
 
 
 def _template(stage: Stage, other: Stage, j: int, src: int, gm, other_gm) -> tuple[fx.GraphModule, Piece]:
@@ -193,8 +231,16 @@ def inflate_stages(gm: fx.GraphModule, stages: list[Stage], other_stages: list[S
 
 def _deviation(old: fx.GraphModule, new: fx.GraphModule, x: torch.Tensor) -> float:
     with eval_mode(old), eval_mode(new):
-        y0, y1 = old(x), new(x)
+        y0, y1 = _flat(old(x)), _flat(new(x))
     return float((y0 - y1).abs().max() / y0.abs().max().clamp_min(1e-12))
+
+
+def _flat(y) -> torch.Tensor:
+    """All output tensors (a tensor, a tuple or a dict such as a transformers ModelOutput)."""
+    if isinstance(y, torch.Tensor):
+        return y.flatten()
+    items = y.values() if isinstance(y, dict) else y
+    return torch.cat([_flat(t) for t in items if t is not None])
 
 
 def absent_spaces(ir, zero_params: set[str]) -> set[int]:

@@ -161,3 +161,38 @@ def test_unsupported_aten_op_names_itself_and_source_line():
     line = inspect.getsourcelines(_Flip.forward)[1] + 1
     assert "flipper" in msg and "aten.flip" in msg
     assert f"test_transformers.py:{line}" in msg and "register_aten" in msg
+
+
+def _deviation(report) -> float:
+    notes = [n for n in report.notes if "inflated model deviates" in n]
+    assert len(notes) == 1
+    return float(notes[0].split(" by ")[1].split()[0])
+
+
+def test_depth_hetero_vit_zero_blocks_are_exact():
+    """Pre-norm encoder layers are residual units; a zero block (attention and MLP adding 0)
+    leaves the 2-layer ViT's function exactly unchanged; the merge runs and exports."""
+    a, b, batches = vit(0, layers=2), vit(1, layers=3), images()
+    r = compile_merge(a, b, batches, method="zip", depth="lma", progress=False)
+    assert any("1 zero block(s)" in n for n in r.report.notes)
+    assert _deviation(r.report) <= 1e-6
+    assert out(r.module, batches[0]).shape == (16, 10)
+    assert r.to_onnx("/tmp/hmir_test_vit_depth.onnx").max_abs_diff <= 1e-4
+
+
+def test_depth_hetero_bert_4_and_6_layers():
+    """A 4-layer and a 6-layer BERT (same width) merge with LMA + zip into a 6-layer model
+    whose ONNX export matches. BERT is post-norm: x + 0 is normalised again, so a zero block
+    is exact only up to that LayerNorm (scale 1, shift 0); the deviation is reported."""
+    a, b, batches = bert(layers=4, seed=0), bert(layers=6, seed=1), tokens()
+    r = compile_merge(a, b, batches, method="zip", depth="lma", progress=False)
+    plan = r.report.depth
+    al = next(al for al in plan.alignments if al is not None and al.m != al.n)
+    assert (al.m, al.n, al.deeper) == (7, 5, "b") and al.method == "lma"
+    assert len(al.positions) == 5 and al.positions[0] == 0 and al.positions[-1] == 6
+    layers = {k.split(".")[3] for k in r.module.state_dict() if ".encoder.layer." in k}
+    inserted = {k.split(".")[1] for k in r.module.state_dict() if k.startswith("hmir_inserted")}
+    assert len(layers) == 4 and len(inserted) == 2
+    assert 0 < _deviation(r.report) < 0.5
+    assert out(r.module, batches[0]).shape == (16, 3)
+    assert r.to_onnx("/tmp/hmir_test_bert_depth.onnx").max_abs_diff <= 1e-4
