@@ -8,6 +8,8 @@ Example::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from hmir.ir import Slice
@@ -41,3 +43,73 @@ def apply_units(t: torch.Tensor, sl: Slice, n: int, mat: torch.Tensor) -> torch.
     out = out.movedim(-1, d + 1)
     r = mat.shape[0]
     return out.reshape(shape[:d] + [sl.outer * r * sl.inner] + shape[d + 1:])
+
+
+@dataclass(frozen=True)
+class UnitMap:
+    """A unit transform whose every input unit feeds at most one output unit.
+
+    Output unit ``g`` = Σ ``weight[u]`` · input unit ``u`` over the inputs ``u`` of group ``g``:
+    the shape of every merge (group average) and unmerge (copy) matrix. Applying it is a
+    gather of each group's first member, scaled, plus an ``index_add`` of the further members
+    (in increasing order): O(size of the tensor), where the dense product is O(size · n).
+    """
+
+    r: int
+    src: torch.Tensor           # (r,) first member of each group (0 where it has none)
+    scale: torch.Tensor | None  # (r,) its weight (0 where none); None: every weight is 1
+    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (group, member, weight)
+
+    @classmethod
+    def of(cls, mat: torch.Tensor) -> "UnitMap | None":
+        """The map of an ``r × n`` matrix, or None when some column has two non-zeros.
+
+        Example::
+
+            >>> m = UnitMap.of(torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))
+            >>> m.src.tolist(), m.scale.tolist(), m.extra[1].tolist()
+            ([0, 2], [0.5, 1.0], [1])
+        """
+        nz = mat != 0
+        if bool((nz.sum(0) > 1).any()):
+            return None
+        u = torch.nonzero(nz.any(0)).squeeze(1)
+        g = nz[:, u].to(torch.uint8).argmax(0)
+        w = mat[g, u]
+        order = torch.argsort(g, stable=True)           # by group, members ascending
+        u, g, w = u[order], g[order], w[order]
+        first = torch.ones_like(g, dtype=torch.bool)
+        first[1:] = g[1:] != g[:-1]
+        src = torch.zeros(mat.shape[0], dtype=torch.long, device=mat.device)
+        scale = torch.zeros(mat.shape[0], dtype=mat.dtype, device=mat.device)
+        src[g[first]], scale[g[first]] = u[first], w[first]
+        ones = bool((scale == 1).all()) and bool((w == 1).all())
+        extra = None if bool(first.all()) else (g[~first], u[~first], w[~first])
+        return cls(mat.shape[0], src, None if ones else scale, extra)
+
+    def to(self, device) -> "UnitMap":
+        move = (lambda t: None if t is None else t.to(device))
+        extra = None if self.extra is None else tuple(t.to(device) for t in self.extra)
+        return UnitMap(self.r, self.src.to(device), move(self.scale), extra)
+
+
+def _along(v: torch.Tensor, axis: int, ndim: int, dtype) -> torch.Tensor:
+    """``v`` shaped to broadcast along ``axis`` of an ``ndim``-dim tensor."""
+    return v.to(dtype).view([-1 if k == axis else 1 for k in range(ndim)])
+
+
+def apply_map(t: torch.Tensor, sl: Slice, n: int, um: UnitMap) -> torch.Tensor:
+    """:func:`apply_units` with a :class:`UnitMap` instead of its dense matrix (same values:
+    each output entry is the same products, summed in increasing member order)."""
+    part = t.narrow(sl.dim, sl.offset, slice_extent(sl, n))
+    shape, d = list(part.shape), sl.dim
+    part = part.reshape(shape[:d] + [sl.outer, n, sl.inner] + shape[d + 1:])
+    ax = d + 1
+    out = part.index_select(ax, um.src)
+    if um.scale is not None:
+        out.mul_(_along(um.scale, ax, out.dim(), out.dtype))
+    if um.extra is not None:
+        g, u, w = um.extra
+        more = part.index_select(ax, u).mul_(_along(w, ax, part.dim(), part.dtype))
+        out.index_add_(ax, g, more)
+    return out.reshape(shape[:d] + [sl.outer * um.r * sl.inner] + shape[d + 1:])

@@ -2,7 +2,9 @@
 
 Along each feature dim of a parameter, each slice's units are transformed by the merge
 matrix of its space (rows: ``M_i``; columns: ``U_iᵀ``), so biases, norm affine parameters
-and running statistics are merged alike. Grouped-conv weights are expanded to their dense
+and running statistics are merged alike. Merge and unmerge matrices send each unit to at
+most one merged unit, so they are applied as gathers and index-adds
+(:class:`~hmir.slicing.UnitMap`), not dense products. Grouped-conv weights are expanded to their dense
 block-diagonal form, fused, and compressed back (exact when the match respects groups).
 
 Example::
@@ -19,7 +21,7 @@ from hmir.errors import MergeError
 from hmir.ir import MergeIR, Slice
 from hmir.matching import Match
 from hmir.passes.observe import SpacePair
-from hmir.slicing import apply_units
+from hmir.slicing import UnitMap, apply_map, apply_units
 
 
 def _side(m: Match, side: int, n_a: int, role: str) -> torch.Tensor:
@@ -45,8 +47,25 @@ def _compress_grouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.cat(parts, 0)
 
 
-def _transform(ir: MergeIR, side: int, t: torch.Tensor, slices: list[Slice],
-               mats: dict[int, Match], n_a: dict[int, int]) -> torch.Tensor:
+class _Maps:
+    """Each (space, role) transform of one model, as a :class:`UnitMap` (dense matrix when a
+    unit feeds two outputs), built once and kept per device."""
+
+    def __init__(self, mats: dict[int, Match], side: int, n_a: dict[int, int]):
+        self.mats, self.side, self.n_a, self.done = mats, side, n_a, {}
+
+    def apply(self, t: torch.Tensor, sl: Slice, n: int) -> torch.Tensor:
+        key = (sl.space, sl.role, t.device)
+        if key not in self.done:
+            mat = _side(self.mats[sl.space], self.side, self.n_a[sl.space], sl.role).to(t.device)
+            self.done[key] = UnitMap.of(mat) or mat
+        m = self.done[key]
+        if isinstance(m, UnitMap):
+            return apply_map(t, sl, n, m)
+        return apply_units(t, sl, n, m)
+
+
+def _transform(ir: MergeIR, t: torch.Tensor, slices: list[Slice], maps: _Maps) -> torch.Tensor:
     """Apply the merge of every slice of one parameter of one model."""
     grouped = [sl for sl in slices if sl.grouped]
     if grouped:
@@ -55,9 +74,7 @@ def _transform(ir: MergeIR, side: int, t: torch.Tensor, slices: list[Slice],
     for dim in sorted({sl.dim for sl in slices}):
         parts = []
         for sl in sorted((x for x in slices if x.dim == dim), key=lambda x: x.offset):
-            s = ir.space(sl.space)
-            mat = _side(mats[sl.space], side, n_a[sl.space], sl.role).to(t.device)
-            parts.append(apply_units(t, replace(sl, grouped=False), s.n, mat))
+            parts.append(maps.apply(t, replace(sl, grouped=False), ir.space(sl.space).n))
         t = torch.cat(parts, dim) if len(parts) > 1 else parts[0]
     if grouped:
         t = _compress_grouped(t, ir.space(grouped[0].space).groups)
@@ -72,10 +89,9 @@ def fuse(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], matches: list[Mat
     ``names`` maps A's sliced parameters to B's (:func:`hmir.pairing.param_map`); by
     default B's parameter of the same name.
     """
-    mats_a = {p.a: m for p, m in zip(pairs, matches)}
-    mats_b = {p.b: m for p, m in zip(pairs, matches)}
-    n_a_a = {p.a: ir_a.space(p.a).n for p in pairs}
-    n_a_b = {p.b: ir_a.space(p.a).n for p in pairs}
+    n_a = [ir_a.space(p.a).n for p in pairs]
+    maps_a = _Maps({p.a: m for p, m in zip(pairs, matches)}, 0, {p.a: k for p, k in zip(pairs, n_a)})
+    maps_b = _Maps({p.b: m for p, m in zip(pairs, matches)}, 1, {p.b: k for p, k in zip(pairs, n_a)})
     by_a = _slices_by_param(ir_a)
     by_b = _slices_by_param(ir_b)
     merged = {}
@@ -86,8 +102,8 @@ def fuse(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], matches: list[Mat
         other = names.get(name, name) if names is not None else name
         if other not in state_b or other not in by_b:
             raise MergeError(f"{ir_a.name}'s parameter '{name}' has no counterpart in {ir_b.name}")
-        wa = _transform(ir_a, 0, t.float(), by_a[name], mats_a, n_a_a)
-        wb = _transform(ir_b, 1, state_b[other].float().to(t.device), by_b[other], mats_b, n_a_b)
+        wa = _transform(ir_a, t.float(), by_a[name], maps_a)
+        wb = _transform(ir_b, state_b[other].float().to(t.device), by_b[other], maps_b)
         merged[name] = (wa + wb).to(t.dtype)
     return merged
 
