@@ -20,8 +20,9 @@ import operator
 import torch
 
 from hmir.errors import HMIRError
-from hmir.frontends.aten_rules import (ACat, APointwise, Conv, Embedding, Expand, Featureless,
-                                       Linear, NoHeads, Norm, Select, SliceRule)
+from hmir.frontends.aten_param_rules import Conv, Embedding, Linear, Norm
+from hmir.frontends.aten_rules import (ACat, APointwise, Expand, Featureless, NoHeads, Select,
+                                       SliceRule)
 from hmir.frontends.head_rules import APermute, AReshape, Attention
 from hmir.frontends.rules import Meta, Spatial
 from hmir.frontends.shape_rules import Reduce

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
@@ -74,8 +75,6 @@ class ExportBuilder(Builder):
     def _split_slice(sl, sid, new, d):
         if sl.space != sid:
             return [sl]
-        from dataclasses import replace
-
         return [replace(sl, space=s, offset=sl.offset + c * d) for c, s in enumerate(new)]
 
     def finalize(self, frontend: str) -> MergeIR:

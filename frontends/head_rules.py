@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass, replace
 
 import sympy
-import torch.fx as fx
 
 from hmir.frontends.aten_rules import ACtx, Head, heads_of
 from hmir.frontends.shape_rules import flatten_axes
