@@ -21,6 +21,7 @@ from hmir.errors import CalibrationError
 from hmir.frontends.fx import eval_mode
 from hmir.ir import MergeIR, ObsPoint
 from hmir.matching import correlation
+from hmir.zeros import ZeroSkipping
 
 
 @dataclass
@@ -102,8 +103,12 @@ class SpacePair:
     points: tuple[tuple[ObsPoint, ObsPoint], ...]
 
 
-class _Recorder(fx.Interpreter):
-    """Runs a graph module and keeps the features of watched nodes for one batch."""
+class _Recorder(ZeroSkipping):
+    """Runs a graph module and keeps the features of watched nodes for one batch.
+
+    Values that are zero by construction (an inserted zero block's layers) are not computed
+    (:class:`~hmir.zeros.ZeroSkipping`); where watched, their features are zeros as before.
+    """
 
     def __init__(self, gm: fx.GraphModule, watch: dict[str, list[tuple[ObsPoint, int]]]):
         super().__init__(gm)
@@ -112,8 +117,10 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
         for pt, width in self.watch.get(n.name, ()):
-            f = out.narrow(pt.dim, pt.offset, width).movedim(pt.dim, -1)
-            self.features[pt] = f.reshape(-1, width).clone()  # later in-place ops must not alter it
+            v = self.value(out)
+            g = v.narrow(pt.dim, pt.offset, width).movedim(pt.dim, -1).reshape(-1, width)
+            shared = v is out and g.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+            self.features[pt] = g.clone() if shared else g  # later in-place ops must not alter it
         return out
 
 
