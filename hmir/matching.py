@@ -24,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 from hmir.errors import MergeError
 from hmir.zipping import FastZip, ZipState
 
-__all__ = ["Match", "MatchingError", "correlation", "match_avg", "match_keep", "match_permute",
+__all__ = ["Match", "MatchingError", "correlation", "correlation_rows", "match_avg", "match_keep", "match_permute",
            "match_zip", "zip_reference"]
 
 
@@ -68,9 +68,27 @@ def correlation(mean: torch.Tensor, cov: torch.Tensor, eps: float = 1e-8) -> tor
         raise MatchingError(f"need mean (n,), cov (n, n): got {mean.shape}, {cov.shape}")
     var = torch.diagonal(cov)
     live = var > eps
-    std = torch.where(live, var, torch.ones_like(var)).sqrt()
-    corr = (cov / std[:, None] / std[None, :]).clamp(-1.0, 1.0)
-    return (corr * (live[:, None] & live[None, :])).fill_diagonal_(1.0)
+    return correlation_rows(cov, 0, torch.where(live, var, torch.ones_like(var)).sqrt(), live)
+
+
+def correlation_rows(cov_rows: torch.Tensor, lo: int, std: torch.Tensor,
+                     live: torch.Tensor) -> torch.Tensor:
+    """Rows ``lo : lo + len(cov_rows)`` of :func:`correlation`, from those rows of ``cov``, every
+    feature's ``std`` (1 where not ``live``) and ``live`` (variance > eps): so a big matrix can be
+    made a few rows at a time, with the same values.
+
+    Example::
+
+        >>> correlation_rows(torch.tensor([[2.0, 0.0]]), 1, torch.tensor([2.0, 1.0]),
+        ...                  torch.tensor([True, False]))
+        tensor([[0., 1.]])
+    """
+    hi = lo + cov_rows.shape[0]
+    corr = (cov_rows / std[lo:hi, None] / std[None, :]).clamp(-1.0, 1.0)
+    corr = corr * (live[lo:hi, None] & live[None, :])
+    k = torch.arange(hi - lo, device=corr.device)
+    corr[k, k + lo] = 1.0
+    return corr
 
 
 def _check_corr(corr: torch.Tensor, nA: int, nB: int) -> torch.Tensor:

@@ -178,7 +178,7 @@ def _default_similarity(sa: Space, sb: Space, ir_a: MergeIR, ir_b: MergeIR, st: 
                         states: tuple[dict, dict], tie: float) -> torch.Tensor:
     """:func:`similarity`; the producer rows are only built when the tie-break can use them,
     straight into one stacked buffer (no copies of A's and B's rows)."""
-    corr = st.corr().float()
+    corr = st.corr(dtype=torch.float32)
     D = _row_length(sa, states[0])
     if tie == 0 or D != _row_length(sb, states[1]):
         return corr
@@ -244,7 +244,7 @@ def _match_free(ir_a, ir_b, pairs, stats, opts: MatchOptions, todo: list[int],
                                                   opts.tie_break))
         return []
     a = float(opts.similarity_alpha)
-    run = dual_sweeps((ir_a, ir_b), pairs, lambda k: stats[k].corr().float(), todo, out, solve,
+    run = dual_sweeps((ir_a, ir_b), pairs, lambda k: stats[k].corr(dtype=torch.float32), todo, out, solve,
                       states, alpha=a, max_sweeps=opts.max_sweeps)
     return [run.note(a, len(todo))]
 
@@ -265,7 +265,7 @@ def _match_grouped(ir_a, ir_b, pairs, stats, opts: MatchOptions, ks: list[int], 
                          f"{ir_b.name}; method {opts.method!r} pairs units one to one: use "
                          f"method='zip' (rectangular group alignment)")
     widths = [target_width(opts.width, sa.n, sb.n, sa.name) for sa, sb in zip(sas, sbs)]
-    ms, assign = match_groups_rect([stats[k].corr().float() for k in ks], sas, sbs, widths,
+    ms, assign = match_groups_rect([stats[k].corr(dtype=torch.float32) for k in ks], sas, sbs, widths,
                                    alpha=opts.alpha, beta=opts.beta)
     for k, m in zip(ks, ms):
         out[k] = m
@@ -292,7 +292,7 @@ def _match_group_class(stats: list[SpaceStats], spaces: list[Space]) -> list[Mat
     """Group alignment for spaces sharing one group permutation (design.md, MuDSC)."""
     G = spaces[0].groups
     total = torch.zeros(G, G, dtype=torch.float64)
-    blocks, corrs = [], [st.corr().float() for st in stats]
+    blocks, corrs = [], [st.corr(dtype=torch.float32) for st in stats]
     for corr, s in zip(corrs, spaces):
         n, k = s.n, s.group_size
         cross = corr[:n, n:].cpu().reshape(G, k, G, k).permute(0, 2, 1, 3)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from hmir.errors import CalibrationError
 from hmir.frontends.fx import eval_mode
 from hmir.ir import MergeIR, ObsPoint
-from hmir.matching import correlation
+from hmir.matching import correlation_rows
 from hmir.zeros import ZeroSkipping
 
 
@@ -70,17 +70,48 @@ class SpaceStats:
         m = self.mean()
         return self.sum_outer() / max(self.count, 1) - torch.outer(m, m)
 
-    def corr(self, eps: float = 1e-8) -> torch.Tensor:
-        """Correlation of the stacked features.
+    def corr(self, eps: float = 1e-8, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Correlation of the stacked features (float64, or ``dtype``).
 
         A constant (dead) feature has no correlation; it is given similarity 1 with other
         constant features (each predicts the other exactly) and 0 with live ones, so that
-        dead twins still pair up (ties are broken by the match pass).
+        dead twins still pair up (ties are broken by the match pass). Built one block of rows
+        at a time (no n × n temporaries; the same values as from :meth:`cov`).
         """
-        c = self.cov()
-        r = correlation(self.mean(), c, eps)
-        dead = c.diagonal() <= eps
-        return torch.where(dead[:, None] & dead[None, :], torch.ones_like(r), r)
+        cnt, m = max(self.count, 1), self.mean()
+        var = self.outer.diagonal() / cnt - m * m            # = cov().diagonal()
+        live, dead = var > eps, var <= eps
+        std = torch.where(live, var, torch.ones_like(var)).sqrt()
+        n = m.shape[0]
+        out = torch.empty(n, n, dtype=dtype or torch.float64, device=m.device)
+        edges = _edges(n)
+        for a in range(len(edges) - 1):
+            lo, hi = edges[a], edges[a + 1]
+            cov = self._outer_rows(edges, a) / cnt - torch.outer(m[lo:hi], m)
+            r = correlation_rows(cov, lo, std, live)
+            out[lo:hi] = torch.where(dead[lo:hi, None] & dead[None, :], torch.ones_like(r), r)
+        return out
+
+    def _outer_rows(self, edges: list[int], a: int) -> torch.Tensor:
+        """Rows of block ``a`` of :meth:`sum_outer`, from the blocks stored on and above the diagonal."""
+        ra = slice(edges[a], edges[a + 1])
+        parts = []
+        for b in range(len(edges) - 1):
+            rb = slice(edges[b], edges[b + 1])
+            if b < a:
+                parts.append(self.outer[rb, ra].T)
+            elif b == a:
+                d = self.outer[ra, ra]
+                parts.append(torch.triu(d) + torch.triu(d, 1).T)
+            else:
+                parts.append(self.outer[ra, rb])
+        return torch.cat(parts, 1)
+
+
+def _edges(n: int, rows: int = 256) -> list[int]:
+    """Block boundaries of an n-wide Gram: up to 8 blocks of >= ``rows`` (one when narrower)."""
+    nb = max(1, min(8, n // rows))
+    return [k * n // nb for k in range(nb + 1)]
 
 
 def _gram_blocks(n: int, rows: int = 256) -> list[tuple[slice, slice]]:
@@ -88,8 +119,8 @@ def _gram_blocks(n: int, rows: int = 256) -> list[tuple[slice, slice]]:
     Gram (up to 8 × 8 blocks of >= ``rows``): ~half the flops of the full product and no n × n
     temporary. Each block's product equals the full product's entries bit for bit (same dot
     products; checked with the BLAS here), so the statistics are unchanged."""
-    nb = max(1, min(8, n // rows))
-    edges = [k * n // nb for k in range(nb + 1)]
+    edges = _edges(n, rows)
+    nb = len(edges) - 1
     return [(slice(edges[a], edges[a + 1]), slice(edges[b], edges[b + 1]))
             for a in range(nb) for b in range(a, nb)]
 
