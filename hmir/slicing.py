@@ -70,14 +70,15 @@ class UnitMap:
             >>> m.src.tolist(), m.scale.tolist(), m.extra[1].tolist()
             ([0, 2], [0.5, 1.0], [1])
         """
-        nz = mat != 0
-        if bool((nz.sum(0) > 1).any()):
+        if mat.is_contiguous() or not mat.T.is_contiguous():
+            g, u = torch.nonzero(mat).unbind(1)         # by group, members ascending
+        else:                                           # a transposed view: scan it in memory order
+            u, g = torch.nonzero(mat.T).unbind(1)
+            order = torch.argsort(g, stable=True)
+            g, u = g[order], u[order]
+        if bool((torch.bincount(u, minlength=mat.shape[1]) > 1).any()):
             return None
-        u = torch.nonzero(nz.any(0)).squeeze(1)
-        g = nz[:, u].to(torch.uint8).argmax(0)
         w = mat[g, u]
-        order = torch.argsort(g, stable=True)           # by group, members ascending
-        u, g, w = u[order], g[order], w[order]
         first = torch.ones_like(g, dtype=torch.bool)
         first[1:] = g[1:] != g[:-1]
         src = torch.zeros(mat.shape[0], dtype=torch.long, device=mat.device)
