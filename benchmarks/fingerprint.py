@@ -58,6 +58,17 @@ def record(name: str) -> dict:
             "state": {k: v.detach().clone() for k, v in res.module.state_dict().items()}}
 
 
+def max_rel_diff(old: dict, new: dict) -> float:
+    """Largest difference of a floating-point merged tensor, relative to its largest entry."""
+    out = 0.0
+    for k, v in old["state"].items():
+        w = new["state"].get(k)
+        if w is not None and w.shape == v.shape and v.is_floating_point() and v.numel():
+            scale = float(v.abs().max()) or 1.0
+            out = max(out, float((v.double() - w.double()).abs().max()) / scale)
+    return out
+
+
 def compare(old: dict, new: dict, rtol: float) -> list[str]:
     """Differences between two records, as readable lines (empty: identical)."""
     bad = []
@@ -105,7 +116,10 @@ def main(argv=None) -> int:
             bad = compare(old[n], recs[n], args.rtol)
             scores = max(abs(x - y) for x, y in zip(old[n]["scores"], recs[n]["scores"])
                          if x == x and y == y) if recs[n]["scores"] else 0.0
-            print(f"{n}: {'IDENTICAL' if not bad else 'DIFFERENT'} (max score diff {scores:.1e}, "
+            same_groups = old[n]["groups"] == recs[n]["groups"]
+            print(f"{n}: {'IDENTICAL' if not bad else 'DIFFERENT'} (groups "
+                  f"{'identical' if same_groups else 'DIFFER'}, merged tensors within "
+                  f"{max_rel_diff(old[n], recs[n]):.1e} relative, max score diff {scores:.1e}; "
                   f"{old[n]['secs']:.1f}s → {recs[n]['secs']:.1f}s)")
             for line in bad[:20]:
                 print("   ", line)
