@@ -35,13 +35,14 @@ __all__ = ["zero_nodes", "ZeroSkipping"]
 
 _LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-_KEEPS_ZERO_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh,
+_KEEPS_ZERO_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh,
                        nn.Identity, nn.Dropout, nn.Flatten, nn.modules.pooling._MaxPoolNd,
                        nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
                        nn.modules.pooling._AdaptiveMaxPoolNd)
-_KEEPS_ZERO_FUNCS = {operator.add, torch.add, torch.relu, F.relu, torch.flatten, F.dropout,
-                     F.adaptive_avg_pool2d, F.max_pool2d, F.avg_pool2d}
-_KEEPS_ZERO_METHODS = {"relu", "relu_", "flatten", "view", "reshape", "add", "add_"}
+_KEEPS_ZERO_FUNCS = {torch.relu, F.relu, torch.flatten, F.dropout, F.adaptive_avg_pool2d,
+                     F.max_pool2d, F.avg_pool2d}
+_KEEPS_ZERO_METHODS = {"relu", "relu_", "flatten", "view", "reshape"}
+_SUMS = {operator.add, operator.iadd, torch.add, "add", "add_"}     # zero only if every term is
 
 
 def _all_zero(m: nn.Module) -> bool:
@@ -57,13 +58,18 @@ def _zero_layer(m: nn.Module) -> bool:
 
 
 def _keeps_zero(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether ``n`` gives 0 when its tensor inputs (all of them zero) are 0."""
     if n.op == "call_module":
         m = gm.get_submodule(n.target)
+        if isinstance(m, nn.Hardtanh):                 # also ReLU6: clamp to [min, max]
+            return m.min_val <= 0 <= m.max_val
         return isinstance(m, _KEEPS_ZERO_MODULES) or (
             isinstance(m, _LINEAR) and (m.bias is None or not bool(m.bias.any())))
-    if n.op == "call_function":
-        return n.target in _KEEPS_ZERO_FUNCS
-    return n.op == "call_method" and n.target in _KEEPS_ZERO_METHODS
+    if n.op not in ("call_function", "call_method"):
+        return False
+    if n.target in _SUMS:                              # x + 1 is not 0: every term must be a node
+        return all(isinstance(a, fx.Node) for a in n.args) and not n.kwargs
+    return n.target in (_KEEPS_ZERO_FUNCS if n.op == "call_function" else _KEEPS_ZERO_METHODS)
 
 
 def zero_nodes(gm: fx.GraphModule) -> set[fx.Node]:
