@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -30,7 +29,7 @@ from hmir.groups import match_groups_rect
 from hmir.ir import MergeIR, Space
 from hmir.matching import Match, _build, match_avg, match_keep, match_permute, match_zip
 from hmir.passes.observe import SpacePair, SpaceStats
-from hmir.slicing import slice_index
+from hmir.tiebreak import producer_rows, row_length, similarity, stacked_similarity  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -93,99 +92,14 @@ def check_method(method: str) -> None:
         raise MergeError(f"unknown matching method {method!r}; valid methods: {sorted(METHODS)}")
 
 
-def _unit_rows(sl, n: int, t: torch.Tensor) -> torch.Tensor:
-    """The slice's entries of ``t`` (already moved so ``sl.dim`` is dim 0), one row per unit."""
-    if sl.outer == 1 and sl.inner == 1:                  # a contiguous run of units: no gather
-        return t.narrow(0, sl.offset, n).reshape(n, -1)
-    idx = slice_index(sl, n).permute(1, 0, 2).reshape(-1)     # unit-major (n, outer, inner)
-    return t.index_select(0, idx.to(t.device)).reshape(n, -1)
-
-
-def _sort_rows(x: torch.Tensor) -> torch.Tensor:
-    """Each row sorted ascending; on CPU by numpy (SIMD sort, about 4x torch's), same values."""
-    if x.device.type != "cpu":
-        return x.sort(dim=1).values
-    return torch.from_numpy(np.sort(x.numpy(), axis=1))
-
-
-def _fill_rows(ir: MergeIR, s: Space, state: dict[str, torch.Tensor], out: torch.Tensor) -> None:
-    """Write :func:`producer_rows` of ``s`` into ``out`` (n × D, float32), slice by slice."""
-    col = 0
-    for sl in s.producers():
-        t = state[sl.param].float().movedim(sl.dim, 0)
-        rows = _sort_rows(_unit_rows(sl, s.n, t).to(out.device))
-        out[:, col:col + rows.shape[1]] = rows
-        col += rows.shape[1]
-
-
-def producer_rows(ir: MergeIR, s: Space, state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each unit's producer entries (every "out" slice), sorted per slice: (n, D).
-
-    Sorting makes the descriptor independent of how the unit's *input* space is ordered,
-    so a unit and its twin in a permuted copy get identical rows.
-    """
-    some = state[s.producers()[0].param]
-    out = torch.empty(s.n, _row_length(s, state), dtype=torch.float32, device=some.device)
-    _fill_rows(ir, s, state, out)
-    return out
-
-
-def similarity(corr: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, tie: float) -> torch.Tensor:
-    """Activation correlation plus ``tie`` × producer-weight cosine similarity.
-
-    The weight term breaks ties between units the calibration data cannot tell apart
-    (dead units have zero variance, hence correlation 0 with every unit, even their twin).
-    """
-    if tie == 0 or wa.shape[1] != wb.shape[1]:
-        return corr
-    return _add_cosine(corr, torch.cat([wa, wb]).to(corr), tie)
-
-
-def _add_cosine(corr: torch.Tensor, w: torch.Tensor, tie: float) -> torch.Tensor:
-    """``corr + tie * cos(w_p, w_q)`` of the centred rows of ``w`` (overwritten), a new tensor."""
-    w -= w.mean(1, keepdim=True)
-    w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return _gram(w).mul_(tie).add_(corr)
-
-
-def _gram(w: torch.Tensor, rows: int = 256) -> torch.Tensor:
-    """``w @ w.T``; on CPU from the blocks on and above the diagonal only (up to 8 × 8 blocks
-    of >= ``rows`` rows), mirroring the rest: ~35 % fewer flops for wide spaces. Each entry is
-    still one dot product over the same ``D`` entries (bit-identical to ``w @ w.T`` with the
-    BLAS measured here)."""
-    n, nb = w.shape[0], min(8, w.shape[0] // rows)
-    if w.device.type != "cpu" or nb < 2:
-        return w @ w.T
-    out = torch.empty(n, n, dtype=w.dtype)
-    edges = [k * n // nb for k in range(nb + 1)]
-    for a in range(nb):
-        ra = slice(edges[a], edges[a + 1])
-        for b in range(a, nb):
-            rb = slice(edges[b], edges[b + 1])
-            torch.mm(w[ra], w[rb].T, out=out[ra, rb])
-            if b != a:
-                out[rb, ra] = out[ra, rb].T
-    return out
-
-
-def _row_length(s: Space, state: dict[str, torch.Tensor]) -> int:
-    """Entries per unit of :func:`producer_rows`, from shapes alone."""
-    return sum(state[sl.param].numel() // state[sl.param].shape[sl.dim] * sl.outer * sl.inner
-               for sl in s.producers())
-
-
 def _default_similarity(sa: Space, sb: Space, ir_a: MergeIR, ir_b: MergeIR, st: SpaceStats,
                         states: tuple[dict, dict], tie: float) -> torch.Tensor:
-    """:func:`similarity`; the producer rows are only built when the tie-break can use them,
-    straight into one stacked buffer (no copies of A's and B's rows)."""
+    """:func:`~hmir.tiebreak.similarity`; the producer rows are only built when the tie-break
+    can use them, straight into one stacked buffer (:func:`~hmir.tiebreak.stacked_similarity`)."""
     corr = st.corr(dtype=torch.float32)
-    D = _row_length(sa, states[0])
-    if tie == 0 or D != _row_length(sb, states[1]):
+    if tie == 0 or row_length(sa, states[0]) != row_length(sb, states[1]):
         return corr
-    w = torch.empty(sa.n + sb.n, D, dtype=corr.dtype, device=corr.device)
-    _fill_rows(ir_a, sa, states[0], w[:sa.n])
-    _fill_rows(ir_b, sb, states[1], w[sa.n:])
-    return _add_cosine(corr, w, tie)
+    return stacked_similarity(corr, (sa, sb), states, tie)
 
 
 def absent_pair(ir_a: MergeIR, ir_b: MergeIR, p: SpacePair) -> str | None:

@@ -1,0 +1,120 @@
+"""The default similarity of the match pass: activation correlation plus a tiny weight tie-break.
+
+``similarity = corr + tie · cos(w_p, w_q)``, where ``w_p`` is unit p's producer entries (every
+"out" slice of its space: conv/linear rows, biases, norm parameters and statistics), each slice
+sorted so that the descriptor does not depend on how the unit's *input* space is ordered, then
+centred and normalised. It separates units the calibration data cannot tell apart (dead units
+have correlation 0 with every unit, even their twin). The rows of A and B are written into one
+stacked buffer and ``w·wᵀ`` is formed from the blocks on and above the diagonal; the values are
+the same, bit for bit, as stacking, centring and multiplying the plain way.
+
+Example::
+
+    >>> corr = torch.eye(4)
+    >>> wa, wb = torch.tensor([[1.0, 2.0], [3.0, 1.0]]), torch.tensor([[3.0, 1.0], [1.0, 2.0]])
+    >>> S = similarity(corr, wa, wb, 1e-3)
+    >>> bool(S[0, 3] > S[0, 2]), round(float(S[0, 3]), 6)
+    (True, 0.001)
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hmir.ir import MergeIR, Space
+from hmir.slicing import slice_index
+
+__all__ = ["producer_rows", "row_length", "similarity", "stacked_similarity"]
+
+
+def _unit_rows(sl, n: int, t: torch.Tensor) -> torch.Tensor:
+    """The slice's entries of ``t`` (already moved so ``sl.dim`` is dim 0), one row per unit."""
+    if sl.outer == 1 and sl.inner == 1:                  # a contiguous run of units: no gather
+        return t.narrow(0, sl.offset, n).reshape(n, -1)
+    idx = slice_index(sl, n).permute(1, 0, 2).reshape(-1)     # unit-major (n, outer, inner)
+    return t.index_select(0, idx.to(t.device)).reshape(n, -1)
+
+
+def _sort_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row sorted ascending; on CPU by numpy (SIMD sort, about 4x torch's), same values."""
+    if x.device.type != "cpu":
+        return x.sort(dim=1).values
+    return torch.from_numpy(np.sort(x.numpy(), axis=1))
+
+
+def _fill_rows(s: Space, state: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+    """Write :func:`producer_rows` of ``s`` into ``out`` (n × D, float32), slice by slice."""
+    col = 0
+    for sl in s.producers():
+        t = state[sl.param].float().movedim(sl.dim, 0)
+        rows = _sort_rows(_unit_rows(sl, s.n, t).to(out.device))
+        out[:, col:col + rows.shape[1]] = rows
+        col += rows.shape[1]
+
+
+def producer_rows(ir: MergeIR, s: Space, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each unit's producer entries (every "out" slice), sorted per slice: (n, D). (``ir``, the
+    space's model, is not needed; it stays for callers of the earlier signature.)
+
+    Sorting makes the descriptor independent of how the unit's *input* space is ordered,
+    so a unit and its twin in a permuted copy get identical rows.
+    """
+    some = state[s.producers()[0].param]
+    out = torch.empty(s.n, row_length(s, state), dtype=torch.float32, device=some.device)
+    _fill_rows(s, state, out)
+    return out
+
+
+def similarity(corr: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, tie: float) -> torch.Tensor:
+    """Activation correlation plus ``tie`` × producer-weight cosine similarity.
+
+    The weight term breaks ties between units the calibration data cannot tell apart
+    (dead units have zero variance, hence correlation 0 with every unit, even their twin).
+    """
+    if tie == 0 or wa.shape[1] != wb.shape[1]:
+        return corr
+    return _add_cosine(corr, torch.cat([wa, wb]).to(corr), tie)
+
+
+def _add_cosine(corr: torch.Tensor, w: torch.Tensor, tie: float) -> torch.Tensor:
+    """``corr + tie * cos(w_p, w_q)`` of the centred rows of ``w`` (overwritten), a new tensor."""
+    w -= w.mean(1, keepdim=True)
+    w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return _gram(w).mul_(tie).add_(corr)
+
+
+def _gram(w: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``w @ w.T``; on CPU from the blocks on and above the diagonal only (up to 8 × 8 blocks
+    of >= ``rows`` rows), mirroring the rest: ~35 % fewer flops for wide spaces. Each entry is
+    still one dot product over the same ``D`` entries (bit-identical to ``w @ w.T`` with the
+    BLAS measured here)."""
+    n, nb = w.shape[0], min(8, w.shape[0] // rows)
+    if w.device.type != "cpu" or nb < 2:
+        return w @ w.T
+    out = torch.empty(n, n, dtype=w.dtype)
+    edges = [k * n // nb for k in range(nb + 1)]
+    for a in range(nb):
+        ra = slice(edges[a], edges[a + 1])
+        for b in range(a, nb):
+            rb = slice(edges[b], edges[b + 1])
+            torch.mm(w[ra], w[rb].T, out=out[ra, rb])
+            if b != a:
+                out[rb, ra] = out[ra, rb].T
+    return out
+
+
+def row_length(s: Space, state: dict[str, torch.Tensor]) -> int:
+    """Entries per unit of :func:`producer_rows`, from shapes alone."""
+    return sum(state[sl.param].numel() // state[sl.param].shape[sl.dim] * sl.outer * sl.inner
+               for sl in s.producers())
+
+
+def stacked_similarity(corr: torch.Tensor, spaces: tuple[Space, Space], states: tuple[dict, dict],
+                       tie: float) -> torch.Tensor:
+    """:func:`similarity` of the paired spaces ``(sa, sb)`` of A and B (rows of equal length),
+    their producer rows written straight into one stacked float32 buffer."""
+    sa, sb = spaces
+    w = torch.empty(sa.n + sb.n, row_length(sa, states[0]), dtype=corr.dtype, device=corr.device)
+    _fill_rows(sa, states[0], w[:sa.n])
+    _fill_rows(sb, states[1], w[sa.n:])
+    return _add_cosine(corr, w, tie)
