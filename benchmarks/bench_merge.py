@@ -32,11 +32,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -46,6 +44,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _machine import machine as _machine  # noqa: E402
 RESULTS = HERE / "results"
 PASSES = ("trace", "depth", "insert", "observe", "match", "fuse", "emit", "repair")
 MiB = 1024.0 ** 2
@@ -209,26 +209,9 @@ def spawn(cfg: dict) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=HERE.parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=HERE.parent).stdout.strip()
-        rev += " (+ uncommitted changes)" if dirty else ""
-    except OSError:
-        rev = "?"
     import torchvision
 
-    return {"date": _dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu,
-            "cores": os.cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "hmir_commit": rev,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return _machine(torchvision=torchvision.__version__)
 
 
 def _mib(b: float) -> str:

@@ -23,12 +23,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +35,8 @@ import torch
 from hmir.matching import correlation, match_zip, zip_reference
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _machine import machine as _machine  # noqa: E402
 RESULTS = HERE / "results"
 
 
@@ -180,23 +179,7 @@ def run_width(w: int, args, device: str) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=HERE.parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=HERE.parent).stdout.strip()
-        rev += " (+ uncommitted changes)" if dirty else ""
-    except OSError:
-        rev = "?"
-    return {"date": _dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu,
-            "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "hmir_commit": rev, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return _machine()
 
 
 def render(device, env, args, checks, recs, skipped, wall) -> str:
