@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hmir import compile_merge, zoo
+from hmir.passes.depth import DepthOptions
 from hmir.mnist import (calibration_batches, class_embeddings, evaluate, load_mnist5k, logits,
                         task_split, train_embedding_model)
 
@@ -94,6 +95,8 @@ def table1_pair(lab: Lab, shallow: str, deep: str, seed: int, cka: Path | None) 
     for name, method in (("Homo avg", "avg"), ("Homo align", "permute"), ("Homo zip", "zip")):
         rows[name] = lab.merge(a, h, seed, method=method)
     for name, (method, depth) in HETERO.items():
+        if cka is not None and name == "Z.LMA":     # the heatmap shows forced stages too
+            depth = DepthOptions(depth, cka="all")
         res = compile_merge(a, b, lab.data(seed), method=method, depth=depth, progress=False)
         rows[f"Hetero {name}"] = lab.acc(res.module, seed)
         if cka is not None and name == "Z.LMA":

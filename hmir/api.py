@@ -85,7 +85,7 @@ def _check_io(a, b, x, names) -> None:
             f"{tuple(x.shape)}: {sa} vs {sb}; merged models must share input and output spaces")
 
 
-def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", depth: str = "lma",
+def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", depth="lma",
                   width="max", alpha: float = 0.5, beta: float = 0.5,
                   similarity_alpha: float | None = None, lam: float = 0.5, layers=None,
                   repair: bool = True, max_batches: int | None = None, progress: bool = True,
@@ -99,7 +99,9 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", dept
     ``method``: ``"avg"`` (plain averaging), ``"permute"`` (Hungarian on correlation) or
     ``"zip"`` (ZipIt-style greedy zipping with ``alpha``, ``beta``). ``depth``: how stages
     of different depth are aligned, ``"lma"``, ``"sma"`` or ``"uniform"``; the shallower
-    model is inflated with zero blocks / identity layers first. Neither ``a`` nor ``b`` is
+    model is inflated with zero blocks / identity layers first; a
+    :class:`~hmir.passes.depth.DepthOptions` instead of the name also sets which stages' CKA is
+    measured (``cka="all"`` for a heatmap of stages whose alignment is forced). Neither ``a`` nor ``b`` is
     modified. ``width``: the merged width of spaces whose widths differ (elastic zip):
     ``"max"``, ``"min"``, an int, a ratio of the larger width, or a per-space dict
     (see :func:`hmir.passes.match.target_width`). ``similarity_alpha``: None (default) matches
@@ -116,7 +118,7 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", dept
     """
     _check_merge_method(method, similarity_alpha, lam)
     check_frontend(frontend)
-    depth_opts = DepthOptions(depth)
+    depth_opts = depth if isinstance(depth, DepthOptions) else DepthOptions(depth)
     calib = Calibration(data, max_batches=max_batches)
     x = calib.example()
     opts = {"alpha": alpha, "beta": beta} if method == "zip" else {}
@@ -124,7 +126,7 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", dept
         opts = {"lam": lam, "layers": layers}
     if similarity_alpha is not None:
         opts["similarity_alpha"] = similarity_alpha
-    report = MergeReport(names, (frontend, frontend), method, {**opts, "depth": depth, "width": width})
+    report = MergeReport(names, (frontend, frontend), method, {**opts, "depth": depth_opts.method, "width": width})
     _check_io(a, b, x, names)
     with report.timed("trace"):
         ir_a, ir_b, used, fe_notes = lower_pair(a, b, x, names, frontend)
@@ -234,8 +236,12 @@ def _merge(ir_a, ir_b, pairs, calib, opts, report, progress) -> fx.GraphModule:
 
 
 def depth_plan(a: nn.Module, b: nn.Module, data, *, depth: str = "lma", progress: bool = True,
-               names: tuple[str, str] = ("model a", "model b"), frontend: str = "auto"):
+               names: tuple[str, str] = ("model a", "model b"), frontend: str = "auto",
+               cka: str = "all"):
     """Depth alignment of two models alone: stages, CKA of their units, per-stage alignment.
+
+    ``cka="all"`` measures the CKA of every stage whose depths differ, also where the
+    alignment is forced; ``"needed"`` only where it has a choice (what compile_merge does).
 
     Example::
 
@@ -247,4 +253,4 @@ def depth_plan(a: nn.Module, b: nn.Module, data, *, depth: str = "lma", progress
     calib = Calibration(data)
     x = calib.example()
     ir_a, ir_b, _, _ = lower_pair(a, b, x, names, frontend)
-    return depth_pass(ir_a, ir_b, calib, DepthOptions(depth), progress=progress)
+    return depth_pass(ir_a, ir_b, calib, DepthOptions(depth, cka=cka), progress=progress)

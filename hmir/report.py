@@ -49,7 +49,9 @@ class MergeReport:
         from hmir.cka import plot_cka
 
         if self.depth is None or not self.depth.labels_a:
-            raise HMIRError("this merge aligned no stages of different depth: there is no CKA to plot")
+            raise HMIRError("this merge measured no CKA (no stage depths differ, or every differing "
+                            "stage has a single alignment): hmir.depth_plan(a, b, data) measures "
+                            "every differing stage; plot its .cka with hmir.cka.plot_cka")
         return plot_cka(self.depth.cka, path, labels_a=self.depth.labels_a,
                         labels_b=self.depth.labels_b, alignment=_cka_blocks(self.depth),
                         title=title or " + ".join(self.models))
@@ -83,7 +85,7 @@ def _cka_blocks(plan) -> list:
     """``(alignment, row_offset, col_offset)`` of each stage in the plan's stacked CKA matrix."""
     blocks, ra, rb = [], 0, 0
     for sa, sb, al in zip(plan.stages_a, plan.stages_b, plan.alignments):
-        if len(sa.pieces) != len(sb.pieces):
+        if sa.index in plan.measured:
             blocks.append((al, ra, rb))
             ra, rb = ra + len(sa.pieces), rb + len(sb.pieces)
     return blocks

@@ -6,6 +6,13 @@ Where a stage has different unit counts, the outputs of every piece of those sta
 compared by streamed, unbiased linear CKA over the calibration batches, and the stage's
 alignment places the shallower model's units among the deeper model's positions.
 
+An alignment keeps both ends (``G[0] = 0``, ``G[n-1] = m-1``), so a stage whose shallower
+model has one or two pieces has exactly one alignment, and ``"uniform"`` needs no
+similarity at all. With ``DepthOptions(cka="needed")`` (compile_merge's default) CKA is
+measured only for the stages that have a choice, and each model runs only as far as the
+last unit output measured (a truncated copy of its graph); ``cka="all"`` measures every
+stage whose depths differ (for heatmaps; :func:`hmir.api.depth_plan` does this).
+
 Example::
 
     >>> plan = depth(ir_a, ir_b, calibration, DepthOptions("lma"), progress=False)
@@ -20,7 +27,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from hmir.alignment import METHODS, Alignment, align
+from hmir.alignment import METHODS, Alignment, align, uniform_positions
 from hmir.cka import StreamingCKA
 from hmir.errors import CalibrationError, IncompatibleModelsError, MergeError
 from hmir.frontends.fx import eval_mode
@@ -28,24 +35,32 @@ from hmir.ir import MergeIR
 from hmir.units import Stage, find_stages, stage_table
 
 
+CKA_MODES = ("needed", "all")
+
+
 @dataclass(frozen=True)
 class DepthOptions:
-    """``method``: ``"lma"``, ``"sma"`` or ``"uniform"`` (see :mod:`hmir.alignment`)."""
+    """``method``: ``"lma"``, ``"sma"`` or ``"uniform"`` (see :mod:`hmir.alignment`);
+    ``cka``: ``"needed"`` (only stages whose alignment has a choice) or ``"all"``."""
 
     method: str = "lma"
+    cka: str = "needed"
     name: str = "depth"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise MergeError(f"unknown depth alignment {self.method!r}; valid: {list(METHODS)}")
+        if self.cka not in CKA_MODES:
+            raise MergeError(f"unknown cka mode {self.cka!r}; valid: {list(CKA_MODES)}")
 
 
 @dataclass
 class DepthPlan:
     """Corresponding stages of A and B, the CKA of their units and each stage's alignment.
 
-    ``cka`` is (units of A × units of B) over the stages whose depths differ, with row
-    and column labels ``labels_a``/``labels_b`` (node names); empty when no stage differs.
+    ``cka`` is (units of A × units of B) over the stages listed in ``measured`` (those whose
+    depths differ and, with ``cka="needed"``, whose alignment is not forced), with row and
+    column labels ``labels_a``/``labels_b`` (node names); empty when none is measured.
     """
 
     stages_a: list[Stage]
@@ -55,6 +70,7 @@ class DepthPlan:
     cka: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
     labels_a: list[str] = field(default_factory=list)
     labels_b: list[str] = field(default_factory=list)
+    measured: tuple[int, ...] = ()
 
     @property
     def heterogeneous(self) -> bool:
@@ -64,9 +80,11 @@ class DepthPlan:
         out = []
         for sa, al in zip(self.stages_a, self.alignments):
             if al is not None and al.m != al.n:
+                how = (f"score {al.score:.4f}" if sa.index in self.measured else
+                       "the only alignment" if forced(al.m, al.n) else "no CKA measured")
                 out.append(f"depth: stage {sa.index} ({sa.kind}): {al.method} places the shallower "
                            f"model ({'b' if al.deeper == 'a' else 'a'}, {al.n} pieces) at positions "
-                           f"{list(al.positions)} of {al.m}; score {al.score:.4f}")
+                           f"{list(al.positions)} of {al.m}; {how}")
         return out
 
 
@@ -91,40 +109,75 @@ def check_stages(ir_a: MergeIR, ir_b: MergeIR) -> tuple[list[Stage], list[Stage]
     return st_a, st_b
 
 
-class _Capture(fx.Interpreter):
-    """Runs a graph module and keeps the outputs of the watched nodes for one batch."""
+def forced(m: int, n: int) -> bool:
+    """Whether placing ``n`` units among ``m`` positions has one alignment only (ends are kept).
 
-    def __init__(self, gm: fx.GraphModule, watch: list[str]):
-        super().__init__(gm)
-        self.watch, self.out = set(watch), {}
+    Example::
 
-    def run_node(self, n: fx.Node):
-        val = super().run_node(n)
-        if n.name in self.watch:
-            self.out[n.name] = val
-        return val
+        >>> forced(6, 2), forced(4, 3), forced(5, 5)
+        (True, False, True)
+    """
+    return min(m, n) <= 2 or m == n
+
+
+def truncated(gm: fx.GraphModule, watch: list[str]) -> fx.GraphModule:
+    """A copy of ``gm``'s graph that returns (clones of) the watched nodes' values and stops
+    there: nodes after the last watched one, and any not needed for them, are removed.
+
+    The clones keep later in-place ops of the graph from changing a returned value. The
+    copy shares ``gm``'s submodules and parameters (nothing is copied).
+
+    Example::
+
+        >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Tanh()))
+        >>> truncated(gm, ["_0"])(torch.tensor([-1.0, 2.0]))
+        (tensor([0., 2.]),)
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    todo, outs = set(watch), {}
+    for node in gm.graph.nodes:
+        if not todo:
+            break
+        if node.op == "output":
+            break
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.name in todo:
+            todo.discard(node.name)
+            outs[node.name] = graph.call_method("clone", (env[node],))
+    if todo:
+        raise MergeError(f"truncated(): nodes {sorted(todo)} are not in the graph")
+    graph.output(tuple(outs[n] for n in watch))
+    out = fx.GraphModule(gm, graph, f"{type(gm).__name__}_upto_{watch[-1]}")
+    out.graph.eliminate_dead_code()
+    out.recompile()
+    return out
 
 
 def unit_cka(ir_a: MergeIR, ir_b: MergeIR, labels_a: list[str], labels_b: list[str], data, *,
              progress: bool = True) -> torch.Tensor:
-    """Streamed linear CKA between the outputs of nodes ``labels_a`` of A and ``labels_b`` of B."""
+    """Streamed linear CKA between the outputs of nodes ``labels_a`` of A and ``labels_b`` of B.
+
+    Each model runs as a truncated copy of its graph (:func:`truncated`) that stops at the
+    last watched node.
+    """
     gm_a, gm_b = ir_a.graph_module, ir_b.graph_module
     p = next(gm_a.parameters())
-    cap_a, cap_b = _Capture(gm_a, labels_a), _Capture(gm_b, labels_b)
+    run_a, run_b = truncated(gm_a, labels_a), truncated(gm_b, labels_b)
     cka = StreamingCKA(len(labels_a), len(labels_b))
     with eval_mode(gm_a), eval_mode(gm_b):
         for i, x in enumerate(tqdm(data, desc="depth: CKA", disable=not progress, leave=False)):
             if x.shape[0] < 4:              # the unbiased HSIC needs 4 examples (a short last batch)
                 continue
             x = x.to(device=p.device, dtype=p.dtype if x.is_floating_point() else x.dtype)
-            for cap, name in ((cap_a, ir_a.name), (cap_b, ir_b.name)):
-                cap.out = {}
+            outs = []
+            for run, name in ((run_a, ir_a.name), (run_b, ir_b.name)):
                 try:
-                    cap.run(x)
+                    outs.append(run(x))
                 except Exception as e:
                     raise CalibrationError(f"calibration batch {i} of shape {tuple(x.shape)} could "
                                            f"not be run by {name}: {e}") from e
-            cka.update([cap_a.out[n] for n in labels_a], [cap_b.out[n] for n in labels_b])
+            cka.update(list(outs[0]), list(outs[1]))
     if not cka.batches:
         raise CalibrationError("depth alignment needs calibration batches of at least 4 examples "
                                "(linear CKA uses the unbiased HSIC estimator); every batch was smaller")
@@ -133,18 +186,39 @@ def unit_cka(ir_a: MergeIR, ir_b: MergeIR, labels_a: list[str], labels_b: list[s
 
 def depth(ir_a: MergeIR, ir_b: MergeIR, data, opts: DepthOptions, *, progress: bool = True,
           stages: tuple[list[Stage], list[Stage]] | None = None) -> DepthPlan:
-    """Align every stage; CKA is measured only when some stage's depths differ."""
+    """Align every stage; CKA is measured only for the stages that need it (see the module)."""
     st_a, st_b = stages or check_stages(ir_a, ir_b)
     differ = [k for k, (sa, sb) in enumerate(zip(st_a, st_b)) if len(sa.pieces) != len(sb.pieces)]
     plan = DepthPlan(st_a, st_b, [None] * len(st_a), (ir_a.graph_module, ir_b.graph_module))
-    if not differ:
-        return plan
-    plan.labels_a = [n for k in differ for n in st_a[k].outputs]
-    plan.labels_b = [n for k in differ for n in st_b[k].outputs]
-    plan.cka = unit_cka(ir_a, ir_b, plan.labels_a, plan.labels_b, data, progress=progress)
+    measure = [k for k in differ if opts.cka == "all" or (
+        opts.method != "uniform" and not forced(len(st_a[k].pieces), len(st_b[k].pieces)))]
+    if measure:
+        plan.measured = tuple(measure)
+        plan.labels_a = [n for k in measure for n in st_a[k].outputs]
+        plan.labels_b = [n for k in measure for n in st_b[k].outputs]
+        plan.cka = unit_cka(ir_a, ir_b, plan.labels_a, plan.labels_b, data, progress=progress)
     ra = rb = 0
     for k in differ:
         ma, mb = len(st_a[k].pieces), len(st_b[k].pieces)
-        plan.alignments[k] = align(plan.cka[ra:ra + ma, rb:rb + mb], opts.method)
-        ra, rb = ra + ma, rb + mb
+        if k in measure:
+            plan.alignments[k] = align(plan.cka[ra:ra + ma, rb:rb + mb], opts.method)
+            ra, rb = ra + ma, rb + mb
+        else:
+            plan.alignments[k] = align_unmeasured(ma, mb, opts.method)
     return plan
+
+
+def align_unmeasured(ma: int, mb: int, method: str) -> Alignment:
+    """The alignment of a stage without CKA: forced, or ``"uniform"``; its score is NaN.
+
+    Example::
+
+        >>> align_unmeasured(2, 5, "lma").positions
+        (0, 4)
+    """
+    m, n = max(ma, mb), min(ma, mb)
+    if not forced(m, n) and method != "uniform":
+        raise MergeError(f"a stage of {ma} and {mb} pieces has several alignments: {method} "
+                         f"needs its CKA")
+    G = uniform_positions(m, n)        # the only alignment when forced
+    return Alignment(method, "a" if ma > mb else "b", G, m=m, n=n, score=float("nan"))

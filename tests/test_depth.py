@@ -151,3 +151,65 @@ def test_unalignable_stages_are_a_clear_error():
 def test_unknown_depth_method_lists_valid_names():
     with pytest.raises(Exception, match="lma"):
         compile_merge(zoo.resnet20(), zoo.resnet26(), _data((8, 3, 32, 32)), depth="lmb", progress=False)
+
+
+def test_cka_is_measured_only_where_the_alignment_has_a_choice():
+    """Blocks (3,1,3) vs (4,4,4) give stages of 4/1/3 vs 5/4/4 pieces (entry + blocks): stages
+    0 and 2 have a choice, stage 1 (one piece) has a single alignment, so it gets no CKA."""
+    a, b = randomized(zoo.cifar_resnet((3, 1, 3))), randomized(zoo.cifar_resnet((4, 4, 4)), 1)
+    data = _data((8, 3, 32, 32))
+    needed = compile_merge(a, b, data, progress=False).report.depth
+    full = depth_plan(a, b, data, progress=False)            # cka="all"
+    assert needed.measured == (0, 2) and full.measured == (0, 1, 2)
+    pos = [[getattr(al, "positions", None) for al in plan.alignments] for plan in (needed, full)]
+    assert pos[0] == pos[1] and pos[0][:3] == [pos[0][0], (0,), pos[0][2]]
+    assert needed.alignments[1].positions == (0,) and torch.isnan(torch.tensor(needed.alignments[1].score))
+    # the measured blocks are the same CKA values as in the full matrix (stage 1 rows/cols removed)
+    rows = [i for i, n in enumerate(full.labels_a) if n in needed.labels_a]
+    cols = [j for j, n in enumerate(full.labels_b) if n in needed.labels_b]
+    assert torch.allclose(needed.cka, full.cka[rows][:, cols], atol=1e-12)
+    assert needed.cka.shape == (7, 9)
+
+
+def test_forced_alignments_measure_no_cka_and_uniform_never_does():
+    a, b = randomized(zoo.cifar_resnet((1, 1, 1))), randomized(zoo.cifar_resnet((3, 2, 4)), 1)
+    data = _data((8, 3, 32, 32))
+    res = compile_merge(a, b, data, progress=False)
+    plan = res.report.depth
+    assert plan.measured == () and plan.cka.numel() == 0
+    assert [al.positions for al in plan.alignments[:3]] == [(0, 3), (0,), (0,)]
+    assert any("the only alignment" in n for n in res.report.notes)
+    with pytest.raises(Exception, match="measured no CKA"):
+        res.report.plot_cka("/tmp/never.png")
+    uni = depth_plan(zoo.resnet20(), zoo.resnet26(), data, depth="uniform", progress=False, cka="needed")
+    assert uni.measured == () and uni.alignments[0].positions == (0, 1, 3, 4)
+
+
+def test_truncated_graph_returns_the_watched_values_and_stops():
+    from hmir.passes.depth import truncated
+
+    ir = lower(randomized(zoo.resnet20()), torch.randn(2, 3, 32, 32))
+    gm, st = ir.graph_module, find_stages(ir)
+    watch = st[0].outputs
+    cut = truncated(gm, watch)
+    names = {n.name for n in cut.graph.nodes}
+    convs = [n for n in gm.graph.nodes if n.op == "call_module" and "conv" in n.target]
+    assert 0 < sum(n.name in names for n in convs) < len(convs) / 2
+    assert st[1].outputs[-1] not in names               # nothing after the last watched node
+    x = torch.randn(4, 3, 32, 32)
+    seen = {}
+
+    class Keep(torch.fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            if n.name in watch:
+                seen[n.name] = v.clone()
+            return v
+
+    with torch.no_grad():
+        gm.eval()
+        Keep(gm).run(x)
+        outs = cut(x)
+    assert len(outs) == len(watch)
+    for name, v in zip(watch, outs):
+        assert torch.equal(v, seen[name])
