@@ -28,8 +28,8 @@ from hmir.zeros import ZeroSkipping
 class SpaceStats:
     """Streaming moments of stacked features: sum, sum of outer products, count.
 
-    ``outer`` holds the sum of outer products in its blocks on and above the diagonal only
-    (:func:`_gram_blocks`); :meth:`cov` mirrors it. Example::
+    ``outer`` holds the sum of outer products; only its entries on and above the diagonal
+    are kept up to date (:func:`_gram_blocks`), and :meth:`cov` mirrors them. Example::
 
         >>> st = SpaceStats.empty(3, "cpu")
         >>> st.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.0], [1.0]]))
@@ -58,6 +58,43 @@ class SpaceStats:
         for ra, rb in _gram_blocks(f.shape[1]):
             self.outer[ra, rb] += f[:, ra].T @ f[:, rb]
         self.count += f.shape[0]
+
+    def update_points(self, feats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add the rows of every observation point's ``(fa, fb)``, as :meth:`update` on each would.
+
+        Consecutive points whose features are equal (an inserted unit carries its
+        predecessor's value forward) are counted once with their multiplicity: their own
+        Gram block is scaled, and the cross block is one product with the other side's
+        features summed over the run. The result is the same up to float64 rounding.
+
+        Example::
+
+            >>> st, ref = SpaceStats.empty(3, "cpu"), SpaceStats.empty(3, "cpu")
+            >>> fa, fb = torch.randn(5, 2), [torch.randn(5, 1) for _ in range(3)]
+            >>> st.update_points([(fa, b) for b in fb]); [ref.update(fa, b) for b in fb] and None
+            >>> bool(torch.allclose(st.cov(), ref.cov(), atol=1e-12)), st.count
+            (True, 15)
+        """
+        if not feats:
+            return
+        na = feats[0][0].shape[1]
+        runs_a, runs_b = _runs([fa for fa, _ in feats]), _runs([fb for _, fb in feats])
+        a64 = [(k, fa.to(torch.float64)) for k, fa in runs_a]
+        b64 = [(k, fb.to(torch.float64)) for k, fb in runs_b]
+        for (k, f), off in [(x, 0) for x in a64] + [(x, na) for x in b64]:
+            self.total[off:off + f.shape[1]] += f.sum(0) * k
+            for ra, rb in _gram_blocks(f.shape[1], start=off):
+                lo = off
+                self.outer[ra, rb].addmm_(f[:, ra.start - lo:ra.stop - lo].T,
+                                          f[:, rb.start - lo:rb.stop - lo], alpha=k)
+        cross = self.outer[:na, na:]
+        if len(runs_a) <= len(runs_b):          # group the cross block by the side with fewer runs
+            for (k, fa), side in zip(a64, _expand(runs_a, [fb for _, fb in feats])):
+                cross.addmm_(fa.T, side)
+        else:
+            for (k, fb), side in zip(b64, _expand(runs_b, [fa for fa, _ in feats])):
+                cross.addmm_(side.T, fb)
+        self.count += sum(fa.shape[0] for fa, _ in feats)
 
     def sum_outer(self) -> torch.Tensor:
         """The full (symmetric) sum of outer products."""
@@ -108,18 +145,41 @@ class SpaceStats:
         return torch.cat(parts, 1)
 
 
+def _runs(feats: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    """``(multiplicity, features)`` of each run of consecutive equal feature matrices."""
+    runs: list[list] = []
+    for f in feats:
+        if runs and (runs[-1][1] is f or torch.equal(runs[-1][1], f)):
+            runs[-1][0] += 1
+        else:
+            runs.append([1, f])
+    return [(k, f) for k, f in runs]
+
+
+def _expand(runs: list[tuple[int, torch.Tensor]], other: list[torch.Tensor]) -> list[torch.Tensor]:
+    """For each run, the float64 sum of the ``other`` side's features over the run's points."""
+    out, i = [], 0
+    for k, _ in runs:
+        acc = other[i].to(torch.float64)
+        for f in other[i + 1:i + k]:
+            acc = acc + f
+        out.append(acc)
+        i += k
+    return out
+
+
 def _edges(n: int, rows: int = 256) -> list[int]:
     """Block boundaries of an n-wide Gram: up to 8 blocks of >= ``rows`` (one when narrower)."""
     nb = max(1, min(8, n // rows))
     return [k * n // nb for k in range(nb + 1)]
 
 
-def _gram_blocks(n: int, rows: int = 256) -> list[tuple[slice, slice]]:
+def _gram_blocks(n: int, rows: int = 256, start: int = 0) -> list[tuple[slice, slice]]:
     """Pairs of column blocks ``(a, b)``, ``a <= b``, covering the upper triangle of an n × n
     Gram (up to 8 × 8 blocks of >= ``rows``): ~half the flops of the full product and no n × n
     temporary. Each block's product equals the full product's entries bit for bit (same dot
     products; checked with the BLAS here), so the statistics are unchanged."""
-    edges = _edges(n, rows)
+    edges = [start + e for e in _edges(n, rows)]
     nb = len(edges) - 1
     return [(slice(edges[a], edges[a + 1]), slice(edges[b], edges[b + 1]))
             for a in range(nb) for b in range(a, nb)]
@@ -182,6 +242,5 @@ def observe(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], data, *,
                     raise CalibrationError(f"calibration batch {i} of shape {tuple(x.shape)} could "
                                            f"not be run by {name}: {e}") from e
             for p, st in zip(pairs, stats):
-                for pa, pb in p.points:
-                    st.update(rec_a.features[pa], rec_b.features[pb])
+                st.update_points([(rec_a.features[pa], rec_b.features[pb]) for pa, pb in p.points])
     return stats
