@@ -165,10 +165,12 @@ def _align_depth(ir_a, ir_b, calib, x, opts, report, progress, err):
     for side, ir, other, st, ost in (("a", ir_a, ir_b, *stages), ("b", ir_b, ir_a, *stages[::-1])):
         with report.timed("insert"):
             infl = inflate_stages(ir.graph_module, st, ost, other.graph_module, plan.alignments, side, x)
+        if not infl.inserted:
+            irs.append(ir)                         # nowhere the shallower model: unchanged
+            continue
         report.notes += [f"insert ({ir.name}): {s}" for s in infl.inserted]
-        if infl.inserted:
-            report.notes.append(f"insert ({ir.name}): inflated model deviates from the original by "
-                                f"{infl.deviation:.2e} (relative max)")
+        report.notes.append(f"insert ({ir.name}): inflated model deviates from the original by "
+                            f"{infl.deviation:.2e} (relative max)")
         with report.timed("trace"):
             new = relower(ir, infl.module, x)
         new.meta["absent"] = absent_spaces(new, infl.zero_params)

@@ -203,12 +203,20 @@ def _template(stage: Stage, other: Stage, j: int, src: int, gm, other_gm) -> tup
 def inflate_stages(gm: fx.GraphModule, stages: list[Stage], other_stages: list[Stage],
                    other_gm: fx.GraphModule, alignments: list, side: str,
                    example: torch.Tensor) -> Inflation:
-    """Insert units into ``gm``'s stages where ``side`` is the shallower model (``gm`` untouched)."""
-    new = copy.deepcopy(gm)
+    """Insert units into ``gm``'s stages where ``side`` is the shallower model (``gm`` untouched).
+
+    Where ``side`` is nowhere the shallower model, ``gm`` itself is returned (nothing inserted,
+    deviation 0). Otherwise the new module has a copy of ``gm``'s graph and *shares* its
+    submodules and parameters (no pass writes to them; only the inserted units are new
+    modules).
+    """
+    todo = [(st, other, al) for st, other, al in zip(stages, other_stages, alignments)
+            if al is not None and al.deeper not in ("equal", side)]
+    if not todo:
+        return Inflation(gm)
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
     info = Inflation(new)
-    for st, other, al in zip(stages, other_stages, alignments):
-        if al is None or al.deeper in ("equal", side):
-            continue
+    for st, other, al in todo:
         kind = other.kind if st.kind == "none" else st.kind
         make = _make_zero if kind == "residual" else _make_identity
         nodes = {n.name: n for n in new.graph.nodes}

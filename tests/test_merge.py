@@ -97,3 +97,20 @@ def test_report_lists_spaces_and_timings():
     for key in ("trace", "observe", "match", "fuse"):
         assert key in result.report.timings
     assert "layer1" in text and "fixed" in text and 0 < result.report.mean_similarity <= 1
+
+
+def test_depth_hetero_inputs_unchanged():
+    """Crossed depths (each model is the shallower one somewhere): both are inflated, and the
+    inflated copies share the inputs' parameters, so nothing may write to them."""
+    a, b = randomized(zoo.cifar_resnet((2, 3, 1))), randomized(zoo.cifar_resnet((3, 1, 2)), 1)
+    a.train()
+    b.eval()
+    snaps = state_snapshot(a), state_snapshot(b)
+    result = compile_merge(a, b, _data((8, 3, 32, 32)), method="zip", progress=False)
+    assert_unchanged(a, snaps[0])
+    assert_unchanged(b, snaps[1])
+    inserted = [n for n in result.report.notes if n.startswith("insert (") and "block" in n]
+    assert any("model a" in n for n in inserted) and any("model b" in n for n in inserted)
+    shared = {id(p) for p in a.parameters()} & {id(p) for p in result.ir_a.graph_module.parameters()}
+    assert shared                                   # the inflated copy really shares them
+    assert not shared & {id(p) for p in result.module.parameters()}
