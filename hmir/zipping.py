@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 _BLOCK = 512        # tile edge of the cache-friendly transpose in :func:`symmetric`
@@ -164,3 +165,108 @@ class FastZip(ZipState):
             best, arg = sub.max(dim=1)                # first argmax (documented)
             self.rowmax[rr] = best
             self.rowarg[rr] = arg.masked_fill_(best == -math.inf, self.n)
+
+
+class NumpyZip:
+    """:class:`FastZip` on numpy arrays, for the CPU: the same steps and the same groups.
+
+    A zip step is about fifteen operations on rows of at most n entries; numpy runs each in a
+    microsecond or two where torch's dispatch alone takes several, so on the CPU this is
+    ~3x faster for the widths of real networks (n ≤ 4096). The state lives in numpy views of
+    the float32 similarity (no copy of ``S`` beyond :func:`symmetric`).
+
+    Example::
+
+        >>> c = torch.eye(4); c[0, 3] = c[3, 0] = c[1, 2] = c[2, 1] = 0.9
+        >>> st = NumpyZip(c, 2, 2, alpha=0.5, beta=0.5)
+        >>> st.best()
+        (0, 3)
+        >>> st.step(0, 3); st.best(), st.groups()
+        ((1, 2), [(0, 3), (1,), (2,)])
+    """
+
+    def __init__(self, corr: torch.Tensor, nA: int, nB: int, alpha: float, beta: float):
+        S = symmetric(corr).numpy()
+        self.n, self.S = nA + nB, S
+        self.alpha = S.dtype.type(alpha)        # torch multiplies by the scalar in S's dtype
+        self.dead = np.zeros(self.n, dtype=bool)
+        self.kinds = [0] * nA + [1] * nB        # 0: only A, 1: only B, 2: mixed
+        self.kind = np.array(self.kinds, dtype=np.int64)
+        self.members, self.used = [[k] for k in range(self.n)], [0, 0]
+        self.caps = [math.floor(beta * nA + 1e-9), math.floor(beta * nB + 1e-9)]
+        self.spent = [c == 0 for c in self.caps]
+        self.exhausted = np.array(self.spent + [False])
+        np.fill_diagonal(S, -np.inf)
+        self.rowmax = np.full(self.n, -np.inf, dtype=S.dtype)
+        self.rowarg = np.full(self.n, self.n, dtype=np.int64)
+        self.refresh(np.arange(self.n))
+
+    def best(self) -> tuple[int, int] | None:
+        """The pair to merge next, or None when no allowed pair is left."""
+        i = int(np.argmax(self.rowmax))
+        j = int(self.rowarg[i])
+        return None if j >= self.n else (i, j)
+
+    def step(self, i: int, j: int) -> None:
+        """Merge j into i and bring the row caches up to date."""
+        ran_out = self._merge(i, j)
+        rows = self._patch(i, j)
+        if ran_out is not None:       # rows of that model may point at a now-blocked partner
+            rows = np.union1d(rows, np.flatnonzero(~self.dead & (self.kind == ran_out)))
+        self.refresh(rows)
+
+    def _merge(self, i: int, j: int) -> int | None:
+        S, dead = self.S, self.dead
+        with np.errstate(invalid="ignore"):     # 0 · -inf when alpha = 0, masked below
+            row = self.alpha * np.minimum(S[i], S[j])
+        dead[j] = True
+        row[dead] = -np.inf                     # also clears 0 · -inf = NaN when alpha = 0
+        row[i] = -np.inf
+        S[i], S[:, i], S[j] = row, row, -np.inf
+        self.members[i], self.members[j] = self.members[i] + self.members[j], []
+        ki, kj = self.kinds[i], self.kinds[j]
+        self.kinds[i] = self.kind[i] = ki if ki == kj else 2
+        if ki == kj != 2:
+            self.used[ki] += 1
+            if self.used[ki] >= self.caps[ki]:
+                self.exhausted[ki], self.spent[ki] = True, True
+                return ki
+        return None
+
+    def _patch(self, i: int, j: int) -> np.ndarray:
+        """Update the caches for column i's new values; returns the rows to recompute."""
+        self.rowmax[j], self.rowarg[j] = -np.inf, self.n
+        v, k = self.S[i], self.kinds[i]
+        if k < 2 and self.spent[k]:
+            v = np.where(self.kind == k, -np.inf, v).astype(self.S.dtype)
+        rowmax, rowarg = self.rowmax, self.rowarg
+        redo = ((rowarg == i) & (v < rowmax)) | (rowarg == j)
+        better = (v > rowmax) | ((v == rowmax) & (rowarg > i) & (v > -np.inf))
+        np.copyto(rowmax, v, where=better)
+        rowarg[better] = i
+        redo[i] = True
+        return np.flatnonzero(redo)
+
+    def refresh(self, rows: np.ndarray) -> None:
+        """Recompute the caches of ``rows`` from S (masking blocked pairs once a budget is spent)."""
+        chunk = max(1, (1 << 21) // max(self.n, 1))
+        for lo in range(0, len(rows), chunk):
+            rr = rows[lo:lo + chunk]
+            sub = self.S[rr]
+            sub[:, self.dead] = -np.inf
+            if any(self.spent):
+                kr = self.kind[rr]
+                sub[(kr[:, None] == self.kind[None, :]) & self.exhausted[kr][:, None]] = -np.inf
+            arg = sub.argmax(axis=1)
+            best = sub[np.arange(len(rr)), arg]
+            arg[best == -np.inf] = self.n
+            self.rowmax[rr], self.rowarg[rr] = best, arg
+
+    def stuck(self, done: int, needed: int) -> str:
+        """The message for a run that cannot make the merges it needs."""
+        return (f"zip: only {done} of {needed} merges possible under the within-model budget "
+                f"{self.caps} (raise beta or r)")
+
+    def groups(self) -> list[tuple[int, ...]]:
+        """The current groups, ordered by their smallest member."""
+        return [tuple(sorted(m)) for m in self.members if m]
