@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hmir import compile_merge, zoo
-from hmir.passes.depth import DepthOptions
+from hmir import DepthOptions, compile_merge, zoo
 from hmir.mnist import (calibration_batches, class_embeddings, evaluate, load_mnist5k, logits,
                         task_split, train_embedding_model)
 

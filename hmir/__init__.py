@@ -10,8 +10,9 @@ from hmir.errors import (CalibrationError, HMIRError, IncompatibleModelsError, L
                          MergeError, TraceError, UnsupportedOpError, VerificationError)
 
 from hmir.api import MergeResult, compile_merge, depth_plan  # noqa: E402
+from hmir.passes.depth import DepthOptions  # noqa: E402
 from hmir.passes.insert import inflate  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["compile_merge", "depth_plan", "inflate", "MergeResult", "HMIRError", "LoweringError", "TraceError", "UnsupportedOpError", "VerificationError",
+__all__ = ["compile_merge", "depth_plan", "DepthOptions", "inflate", "MergeResult", "HMIRError", "LoweringError", "TraceError", "UnsupportedOpError", "VerificationError",
            "IncompatibleModelsError", "CalibrationError", "MergeError"]

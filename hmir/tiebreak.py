@@ -108,16 +108,71 @@ def _gram(w: torch.Tensor, rows: int = 256) -> torch.Tensor:
 
 def row_length(s: Space, state: dict[str, torch.Tensor]) -> int:
     """Entries per unit of :func:`producer_rows`, from shapes alone."""
-    return sum(state[sl.param].numel() // state[sl.param].shape[sl.dim] * sl.outer * sl.inner
-               for sl in s.producers())
+    return sum(_slice_lengths(s, state))
+
+
+QUANTILES = 64     # sorted entries kept per slice and unit by :func:`stacked_similarity`
+
+
+def _sample_index(length: int, q: int) -> torch.Tensor | None:
+    """Midpoints of ``q`` equal bins of a sorted row of ``length`` entries (None: keep all)."""
+    if length <= q:
+        return None
+    return (torch.arange(q) * 2 + 1) * length // (2 * q)
+
+
+def _fill_sampled(s: Space, state: dict[str, torch.Tensor], out: torch.Tensor, q: int,
+                  weight: torch.Tensor) -> torch.Tensor:
+    """Each slice's sorted rows sampled at ``q`` quantiles into ``out`` (``weight``: how many
+    entries each sampled column stands for); returns each unit's sum over its full row."""
+    col, sums = 0, torch.zeros(s.n, dtype=out.dtype, device=out.device)
+    for sl in s.producers():
+        t = state[sl.param].float().movedim(sl.dim, 0)
+        rows = _unit_rows(sl, s.n, t).to(out.device)
+        sums += rows.sum(1)
+        idx = _sample_index(rows.shape[1], q)
+        rows = _sort_rows(rows)
+        if idx is not None:
+            weight[col:col + len(idx)] = rows.shape[1] / q
+            rows = rows.index_select(1, idx.to(rows.device))
+        out[:, col:col + rows.shape[1]] = rows
+        col += rows.shape[1]
+    return sums
 
 
 def stacked_similarity(corr: torch.Tensor, spaces: tuple[Space, Space], states: tuple[dict, dict],
-                       tie: float) -> torch.Tensor:
-    """:func:`similarity` of the paired spaces ``(sa, sb)`` of A and B (rows of equal length),
-    their producer rows written straight into one stacked float32 buffer."""
+                       tie: float, quantiles: int | None = QUANTILES) -> torch.Tensor:
+    """:func:`similarity` of the paired spaces ``(sa, sb)`` of A and B (rows of equal length).
+
+    ``quantiles=None`` uses the full sorted rows, written straight into one stacked float32
+    buffer. With ``quantiles=q`` (the default, 64) each slice's sorted row longer than q is
+    sampled at the midpoints of q equal bins and weighted by the entries each sample stands
+    for: the cosine of two sorted rows is an integral of the product of two quantile
+    functions, and q samples per slice approximate it (centred on the full row's mean) at a
+    fraction of the cost: the Gram of a 1024-unit space over 14k-entry rows becomes one over
+    ~700 columns. Identical units still get identical descriptors (cosine 1).
+
+    The sampled positions of a 10-entry sorted row at q = 4: ``_sample_index(10, 4)`` is
+    ``tensor([1, 3, 6, 8])``, each standing for 2.5 entries.
+    """
     sa, sb = spaces
-    w = torch.empty(sa.n + sb.n, row_length(sa, states[0]), dtype=corr.dtype, device=corr.device)
-    _fill_rows(sa, states[0], w[:sa.n])
-    _fill_rows(sb, states[1], w[sa.n:])
-    return _add_cosine(corr, w, tie)
+    if quantiles is None:
+        w = torch.empty(sa.n + sb.n, row_length(sa, states[0]), dtype=corr.dtype, device=corr.device)
+        _fill_rows(sa, states[0], w[:sa.n])
+        _fill_rows(sb, states[1], w[sa.n:])
+        return _add_cosine(corr, w, tie)
+    cols = sum(min(state_len, quantiles) for state_len in _slice_lengths(sa, states[0]))
+    w = torch.empty(sa.n + sb.n, cols, dtype=corr.dtype, device=corr.device)
+    weight = torch.ones(cols, dtype=corr.dtype, device=corr.device)
+    sums = torch.cat([_fill_sampled(sa, states[0], w[:sa.n], quantiles, weight),
+                      _fill_sampled(sb, states[1], w[sa.n:], quantiles, weight)])
+    w -= (sums / row_length(sa, states[0]))[:, None]
+    w *= weight.sqrt()[None, :]
+    w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return _gram(w).mul_(tie).add_(corr)
+
+
+def _slice_lengths(s: Space, state: dict[str, torch.Tensor]) -> list[int]:
+    """Entries per unit of each producer slice of ``s``."""
+    return [state[sl.param].numel() // state[sl.param].shape[sl.dim] * sl.outer * sl.inner
+            for sl in s.producers()]
