@@ -46,9 +46,14 @@ _SUMS = {operator.add, operator.iadd, torch.add, "add", "add_"}     # zero only 
 
 
 def _all_zero(m: nn.Module) -> bool:
-    """A layer with parameters, all of them zero (buffers such as running stats may be anything)."""
+    """A layer with parameters, all of them zero (buffers such as running stats may be anything).
+
+    A parameter whose first entry is not zero is not scanned further (trained or random
+    weights almost always say so at once; a full ``any()`` reads every layer's weights).
+    """
     ps = list(m.parameters(recurse=False))
-    return bool(ps) and all(not bool(p.any()) for p in ps)
+    return bool(ps) and all(p.numel() == 0 or (not bool(p.reshape(-1)[0]) and not bool(p.any()))
+                            for p in ps)
 
 
 def _zero_layer(m: nn.Module) -> bool:
