@@ -27,14 +27,14 @@ from hmir.data import Calibration
 from hmir.dual import check_similarity_alpha
 from hmir.errors import CalibrationError, IncompatibleModelsError, MergeError
 from hmir.frontends.fx import eval_mode
-from hmir.frontends.select import check_frontend, lower_pair, relower
+from hmir.frontends.select import check_frontend, lower_pair
 from hmir.interpolate import interpolate
 from hmir.ir import MergeIR
 from hmir.pairing import pair_spaces, param_map
 from hmir.passes.fuse import fuse
-from hmir.passes.depth import DepthOptions, check_stages
+from hmir.depth_merge import align_and_inflate
+from hmir.passes.depth import DepthOptions
 from hmir.passes.depth import depth as depth_pass
-from hmir.passes.insert import absent_spaces, inflate_stages
 from hmir.passes.match import METHODS, MatchOptions, absent_pair, match
 from hmir.passes.observe import observe
 from hmir.passes.repair import has_norms
@@ -131,17 +131,22 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", dept
     with report.timed("trace"):
         ir_a, ir_b, used, fe_notes = lower_pair(a, b, x, names, frontend)
     report.frontends, report.notes = (used, used), report.notes + fe_notes
+    known = {}
     try:
         pairs = pair_spaces(ir_a, ir_b)
     except IncompatibleModelsError as err:
-        ir_a, ir_b, plan = _align_depth(ir_a, ir_b, calib, x, depth_opts, report, progress, err)
+        opts_d = depth_opts if method != "mal" else DepthOptions(depth_opts.method, depth_opts.cka,
+                                                                 fuse_observe=False)
+        ir_a, ir_b, plan, known = align_and_inflate(ir_a, ir_b, calib, x, opts_d, report,
+                                                    progress, err)
         report.depth = plan
         pairs = pair_spaces(ir_a, ir_b)
     if method == "mal":
         module = _merge_mal(ir_a, ir_b, pairs, lam, layers, report)
     else:
         module = _merge(ir_a, ir_b, pairs, calib, MatchOptions(
-            method, alpha, beta, width=width, similarity_alpha=similarity_alpha), report, progress)
+            method, alpha, beta, width=width, similarity_alpha=similarity_alpha), report, progress,
+            known)
     norms = has_norms(module)
     if repair and norms:
         with report.timed("repair"):
@@ -151,31 +156,6 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", dept
         report.notes.append("repair: off (norm statistics are the merged parents' averages)")
     log.info("merged %s and %s with %s", *names, method)
     return MergeResult(module, report, ir_a, ir_b, x)
-
-
-def _align_depth(ir_a, ir_b, calib, x, opts, report, progress, err):
-    """Depth-align and inflate both models; returns their new IRs and the depth plan."""
-    stages = check_stages(ir_a, ir_b)
-    if all(len(sa.pieces) == len(sb.pieces) for sa, sb in zip(*stages)):
-        raise err                                  # same depth: the structures really differ
-    with report.timed("depth"):
-        plan = depth_pass(ir_a, ir_b, calib, opts, progress=progress, stages=stages)
-    report.notes += plan.summary()
-    irs = []
-    for side, ir, other, st, ost in (("a", ir_a, ir_b, *stages), ("b", ir_b, ir_a, *stages[::-1])):
-        with report.timed("insert"):
-            infl = inflate_stages(ir.graph_module, st, ost, other.graph_module, plan.alignments, side, x)
-        if not infl.inserted:
-            irs.append(ir)                         # nowhere the shallower model: unchanged
-            continue
-        report.notes += [f"insert ({ir.name}): {s}" for s in infl.inserted]
-        report.notes.append(f"insert ({ir.name}): inflated model deviates from the original by "
-                            f"{infl.deviation:.2e} (relative max)")
-        with report.timed("trace"):
-            new = relower(ir, infl.module, x)
-        new.meta["absent"] = absent_spaces(new, infl.zero_params)
-        irs.append(new)
-    return irs[0], irs[1], plan
 
 
 def _check_merge_method(method: str, similarity_alpha, lam: float) -> None:
@@ -213,12 +193,14 @@ def _merge_mal(ir_a, ir_b, pairs, lam, layers, report) -> fx.GraphModule:
     return module
 
 
-def _merge(ir_a, ir_b, pairs, calib, opts, report, progress) -> fx.GraphModule:
-    """observe → match → fuse → emit for two IRs of one structure."""
-    free = [p for p in pairs if p.points and absent_pair(ir_a, ir_b, p) is None]
-    with report.timed("observe"):
-        stats_free = observe(ir_a, ir_b, free, calib, progress=progress)
-    stats = {p: s for p, s in zip(free, stats_free)}
+def _merge(ir_a, ir_b, pairs, calib, opts, report, progress, known=None) -> fx.GraphModule:
+    """observe → match → fuse → emit for two IRs of one structure (``known``: statistics of
+    pairs observed already, by the depth pass's forward)."""
+    stats = dict(known or {})
+    todo = [p for p in pairs if p.points and absent_pair(ir_a, ir_b, p) is None and p not in stats]
+    if todo:
+        with report.timed("observe"):
+            stats.update(zip(todo, observe(ir_a, ir_b, todo, calib, progress=progress)))
     state_a, state_b = ir_a.graph_module.state_dict(), ir_b.graph_module.state_dict()
     with report.timed("match"):
         matches, notes = match(ir_a, ir_b, pairs, [stats.get(p) for p in pairs], opts,

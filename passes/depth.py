@@ -41,10 +41,13 @@ CKA_MODES = ("needed", "all")
 @dataclass(frozen=True)
 class DepthOptions:
     """``method``: ``"lma"``, ``"sma"`` or ``"uniform"`` (see :mod:`hmir.alignment`);
-    ``cka``: ``"needed"`` (only stages whose alignment has a choice) or ``"all"``."""
+    ``cka``: ``"needed"`` (only stages whose alignment has a choice) or ``"all"``;
+    ``fuse_observe``: let compile_merge take the observe statistics from the CKA forward
+    (:mod:`hmir.passes.observe_depth`) instead of running the models a second time."""
 
     method: str = "lma"
     cka: str = "needed"
+    fuse_observe: bool = True
     name: str = "depth"
 
     def __post_init__(self) -> None:
@@ -184,28 +187,46 @@ def unit_cka(ir_a: MergeIR, ir_b: MergeIR, labels_a: list[str], labels_b: list[s
     return cka.matrix()
 
 
+def measured_stages(st_a: list[Stage], st_b: list[Stage], opts: DepthOptions) -> list[int]:
+    """The stages whose CKA is measured: depths differ and (``cka="needed"``) there is a choice."""
+    differ = [k for k, (sa, sb) in enumerate(zip(st_a, st_b)) if len(sa.pieces) != len(sb.pieces)]
+    return [k for k in differ if opts.cka == "all" or (
+        opts.method != "uniform" and not forced(len(st_a[k].pieces), len(st_b[k].pieces)))]
+
+
+def plan_from(st_a: list[Stage], st_b: list[Stage], graphs: tuple, opts: DepthOptions,
+              measure: list[int], cka: torch.Tensor | None) -> DepthPlan:
+    """The plan of every stage from the CKA of the ``measure`` stages; ``cka=None`` gives a
+    provisional plan (uniform positions where CKA would decide)."""
+    plan = DepthPlan(st_a, st_b, [None] * len(st_a), graphs)
+    if cka is not None and measure:
+        plan.measured = tuple(measure)
+        plan.labels_a = [n for k in measure for n in st_a[k].outputs]
+        plan.labels_b = [n for k in measure for n in st_b[k].outputs]
+        plan.cka = cka
+    ra = rb = 0
+    for k, (sa, sb) in enumerate(zip(st_a, st_b)):
+        ma, mb = len(sa.pieces), len(sb.pieces)
+        if ma == mb:
+            continue
+        if k in measure and cka is not None:
+            plan.alignments[k] = align(cka[ra:ra + ma, rb:rb + mb], opts.method)
+            ra, rb = ra + ma, rb + mb
+        else:
+            plan.alignments[k] = align_unmeasured(ma, mb, "uniform" if k in measure else opts.method)
+    return plan
+
+
 def depth(ir_a: MergeIR, ir_b: MergeIR, data, opts: DepthOptions, *, progress: bool = True,
           stages: tuple[list[Stage], list[Stage]] | None = None) -> DepthPlan:
     """Align every stage; CKA is measured only for the stages that need it (see the module)."""
     st_a, st_b = stages or check_stages(ir_a, ir_b)
-    differ = [k for k, (sa, sb) in enumerate(zip(st_a, st_b)) if len(sa.pieces) != len(sb.pieces)]
-    plan = DepthPlan(st_a, st_b, [None] * len(st_a), (ir_a.graph_module, ir_b.graph_module))
-    measure = [k for k in differ if opts.cka == "all" or (
-        opts.method != "uniform" and not forced(len(st_a[k].pieces), len(st_b[k].pieces)))]
+    measure = measured_stages(st_a, st_b, opts)
+    cka = None
     if measure:
-        plan.measured = tuple(measure)
-        plan.labels_a = [n for k in measure for n in st_a[k].outputs]
-        plan.labels_b = [n for k in measure for n in st_b[k].outputs]
-        plan.cka = unit_cka(ir_a, ir_b, plan.labels_a, plan.labels_b, data, progress=progress)
-    ra = rb = 0
-    for k in differ:
-        ma, mb = len(st_a[k].pieces), len(st_b[k].pieces)
-        if k in measure:
-            plan.alignments[k] = align(plan.cka[ra:ra + ma, rb:rb + mb], opts.method)
-            ra, rb = ra + ma, rb + mb
-        else:
-            plan.alignments[k] = align_unmeasured(ma, mb, opts.method)
-    return plan
+        cka = unit_cka(ir_a, ir_b, [n for k in measure for n in st_a[k].outputs],
+                       [n for k in measure for n in st_b[k].outputs], data, progress=progress)
+    return plan_from(st_a, st_b, (ir_a.graph_module, ir_b.graph_module), opts, measure, cka)
 
 
 def align_unmeasured(ma: int, mb: int, method: str) -> Alignment:

@@ -43,6 +43,8 @@ class Inflation:
     zero_params: set[str] = field(default_factory=set)
     inserted: list[str] = field(default_factory=list)
     deviation: float = 0.0
+    new_nodes: set[str] = field(default_factory=set)        # nodes of ``module`` that were spliced in
+    carries: dict[str, str] = field(default_factory=dict)   # an inserted unit's output → its input
 
 
 def _conv_identity(m: nn.Module) -> None:
@@ -114,8 +116,8 @@ def _splice(gm: fx.GraphModule, anchor: fx.Node, src: fx.GraphModule, own: bool,
     """Copy ``piece`` of the unmodified ``src`` after ``anchor`` in ``gm``.
 
     ``own``: ``src`` is the original of ``gm``, so values read from outside the piece (shape
-    values of the input, say) are found in ``gm`` by name. Returns the new output and the
-    names of the copied parameters and buffers.
+    values of the input, say) are found in ``gm`` by name. Returns the new output, the
+    names of the copied parameters and buffers, and the new nodes.
     """
     nodes = {n.name: n for n in src.graph.nodes}
     here = {n.name: n for n in gm.graph.nodes}
@@ -156,7 +158,7 @@ def _splice(gm: fx.GraphModule, anchor: fx.Node, src: fx.GraphModule, own: bool,
     out = env[nodes[piece.out]]
     for u in users:
         u.replace_input_with(anchor, out)
-    return out, params
+    return out, params, [n for n in env.values() if n is not anchor]
 
 
 # fill of a zero block's tensors read by an aten op at an argument position (default 0): the
@@ -224,8 +226,11 @@ def inflate_stages(gm: fx.GraphModule, stages: list[Stage], other_stages: list[S
         for j in al.inserted():
             i = al.source(j)
             src, piece = _template(st, other, j, i, gm, other_gm)
-            tails[i], params = _splice(new, tails[i], src, src is gm, piece,
-                                       f"hmir_inserted.stage{st.index}_pos{j}", make)
+            anchor = tails[i]
+            tails[i], params, spliced = _splice(new, anchor, src, src is gm, piece,
+                                                f"hmir_inserted.stage{st.index}_pos{j}", make)
+            info.new_nodes.update(n.name for n in spliced)
+            info.carries[tails[i].name] = anchor.name
             if kind == "residual":
                 info.zero_params.update(params)
         what = "zero block(s)" if kind == "residual" else "identity layer(s)"

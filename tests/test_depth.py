@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -213,3 +214,48 @@ def test_truncated_graph_returns_the_watched_values_and_stops():
     assert len(outs) == len(watch)
     for name, v in zip(watch, outs):
         assert torch.equal(v, seen[name])
+
+
+FUSED_PAIRS = {
+    "resnet20+resnet26": lambda: (zoo.resnet20(), zoo.resnet26()),
+    "crossed": lambda: (zoo.cifar_resnet((2, 3, 1)), zoo.cifar_resnet((3, 1, 4))),
+    "resnet26+resnet50": lambda: (zoo.resnet26(), zoo.resnet50_cifar()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED_PAIRS))
+def test_statistics_from_the_depth_forward_equal_a_second_forward(name):
+    """The default takes observe's statistics from the CKA forward of the original models
+    (hmir.passes.observe_depth); the merge must be the one the two-forward path makes."""
+    from hmir import DepthOptions
+
+    a, b = FUSED_PAIRS[name]()
+    a, b = randomized(a), randomized(b, 1)
+    data = _data((8, 3, 32, 32), 3)
+    plain = compile_merge(a, b, data, progress=False, depth=DepthOptions("lma", fuse_observe=False))
+    fused = compile_merge(a, b, data, progress=False)
+    assert any("taken from the depth pass's forward" in n for n in fused.report.notes)
+    assert not any("taken from the depth pass's forward" in n for n in plain.report.notes)
+    assert [al and al.positions for al in plain.report.depth.alignments] == \
+        [al and al.positions for al in fused.report.depth.alignments]
+    for x, y in zip(plain.report.spaces, fused.report.spaces):
+        assert (x.width, x.fixed) == (y.width, y.fixed)
+        assert x.fixed or math.isnan(x.similarity) == math.isnan(y.similarity)
+        assert x.fixed or math.isnan(x.similarity) or abs(x.similarity - y.similarity) < 1e-5
+    sp, sf = plain.module.state_dict(), fused.module.state_dict()
+    assert sp.keys() == sf.keys()
+    for k in sp:
+        assert torch.allclose(sp[k].float(), sf[k].float(), rtol=1e-5, atol=1e-6), k
+    assert "observe" in fused.report.timings and fused.report.timings.get("depth", 0) < \
+        plain.report.timings["depth"]
+
+
+def test_inexact_insertions_fall_back_to_a_second_forward():
+    """An identity layer before tanh does not carry its input exactly: the statistics of the
+    inflated model are then observed on it, as before."""
+    a, b = _tanh_mlp(3), _tanh_mlp(5)
+    data = _data((16, 8), 3)
+    res = compile_merge(a, b, data, progress=False)
+    assert res.report.depth.measured                    # a stage with a choice of alignment
+    assert any("not taken from the depth pass's forward" in n for n in res.report.notes)
+    assert not any("taken from the depth pass's forward (the" in n for n in res.report.notes)
