@@ -6,7 +6,7 @@ import torch
 
 import hmir.api as api
 from conftest import randomized
-from hmir import compile_merge, zoo
+from hmir import DepthOptions, compile_merge, zoo
 from hmir.passes.observe import SpaceStats, observe
 
 
@@ -89,7 +89,7 @@ def test_inflated_models_observe_as_per_point_updates(monkeypatch):
     monkeypatch.setattr(api, "observe", spy)
     a, b = randomized(zoo.resnet20()), randomized(zoo.resnet26(), 1)
     data = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    compile_merge(a, b, data, progress=False)
+    compile_merge(a, b, data, progress=False, depth=DepthOptions("lma", fuse_observe=False))
     args, kw = seen["args"]
     import hmir.passes.observe as obs
 
