@@ -11,6 +11,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import linecache
+import sys
 
 import torch
 import torch.fx as fx
@@ -24,6 +26,7 @@ from hmir.frontends.registry import MODULE_RULES, lookup
 from hmir.frontends.rules import Ctx
 from hmir.ir import MergeIR
 
+_HERE = __file__.replace("\\", "/")
 _HINTS = {
     "call_module": ("register a rule for it: hmir.frontends.register_module({key}, rule) with "
                     "rules.Pointwise() for elementwise modules, rules.Affine(dim, params) for "
@@ -35,14 +38,34 @@ _HINTS = {
 
 
 class _Tracer(fx.Tracer):
-    """symbolic_trace that keeps registered module types as leaves and records source lines."""
+    """symbolic_trace that keeps registered module types as leaves and records source lines.
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.record_stack_traces = True
+    Each node's ``stack_trace`` is the one user frame that created it (the innermost frame
+    outside torch), found by walking the interpreter's frames: fx's own
+    ``record_stack_traces`` captures and symbolises the whole stack for every node, which
+    costs ~0.2 s on the first trace of a process (resnet18) for the one line errors quote.
+    """
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return type(m) in MODULE_RULES or super().is_leaf_module(m, qualname)
+
+    def create_proxy(self, *args, **kwargs):
+        proxy = super().create_proxy(*args, **kwargs)
+        if not proxy.node.stack_trace:
+            proxy.node.stack_trace = _user_frame(sys._getframe(1))
+        return proxy
+
+
+def _user_frame(frame) -> str:
+    """``File "...", line N, in f`` and the code of the innermost frame outside torch."""
+    while frame is not None:
+        path = frame.f_code.co_filename.replace("\\", "/")
+        if "/torch/" not in path and path != _HERE:
+            code = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            return (f'  File "{frame.f_code.co_filename}", line {frame.f_lineno}, in '
+                    f'{frame.f_code.co_name}\n    {code}\n')
+        frame = frame.f_back
+    return ""
 
 
 @contextlib.contextmanager

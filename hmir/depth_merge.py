@@ -58,9 +58,9 @@ def _inflate(ir_a, ir_b, stages, plan, x, report, final: bool):
     return irs, infls
 
 
-def _names(irs, infls, x):
+def _names(irs, infls):
     """Original-value maps of both inflated IRs, or None when the fused path cannot be used."""
-    if not all(carried_exactly(inf, x) for inf in infls):
+    if not all(carried_exactly(inf) for inf in infls):
         return None
     names = [original_names(ir, inf) for ir, inf in zip(irs, infls)]
     return None if None in names else names
@@ -91,7 +91,7 @@ def _fused(ir_a, ir_b, calib, x, opts, report, progress, stages, measure):
     graphs = (ir_a.graph_module, ir_b.graph_module)
     provisional = plan_from(*stages, graphs, opts, measure, None)
     irs, infls = _inflate(ir_a, ir_b, stages, provisional, x, report, final=False)
-    names = _names(irs, infls, x)
+    names = _names(irs, infls)
     if names is None:
         return None
     with report.timed("depth"):
@@ -115,7 +115,7 @@ def _fused(ir_a, ir_b, calib, x, opts, report, progress, stages, measure):
     if [al and al.positions for al in plan.alignments] != \
             [al and al.positions for al in provisional.alignments]:
         irs, infls = _inflate(ir_a, ir_b, stages, plan, x, report, final=True)
-        names = _names(irs, infls, x)
+        names = _names(irs, infls)
     else:
         _note_insertions(irs, infls, report)
     stats = {}

@@ -49,6 +49,20 @@ def symmetric(corr: torch.Tensor) -> torch.Tensor:
     return out.mul_(0.5)
 
 
+def _book(st, i: int, j: int) -> int | None:
+    """Groups, kinds and budgets after merging j into i (any of the zip states); returns the
+    model whose within-model budget just ran out, if any."""
+    st.members[i], st.members[j] = st.members[i] + st.members[j], []
+    ki, kj = st.kinds[i], st.kinds[j]
+    st.kinds[i] = st.kind[i] = ki if ki == kj else 2
+    if ki == kj != 2:
+        st.used[ki] += 1
+        if st.used[ki] >= st.caps[ki]:
+            st.exhausted[ki], st.spent[ki] = True, True
+            return ki
+    return None
+
+
 class ZipState:
     """Book-keeping shared by both zip implementations: similarities, groups, budgets."""
 
@@ -77,16 +91,7 @@ class ZipState:
         """Merge j into i (i < j); returns the model whose budget just ran out, if any."""
         self.alive[j] = False
         self.write(i, j, self.alpha * torch.minimum(self.S[i], self.S[j]))
-        self.members[i], self.members[j] = self.members[i] + self.members[j], []
-        ki, kj = self.kinds[i], self.kinds[j]
-        self.kinds[i] = ki if ki == kj else 2
-        self.kind[i] = self.kinds[i]
-        if ki == kj != 2:
-            self.used[ki] += 1
-            if self.used[ki] >= self.caps[ki]:
-                self.exhausted[ki], self.spent[ki] = True, True
-                return ki
-        return None
+        return _book(self, i, j)
 
     def stuck(self, done: int, needed: int) -> str:
         """The message for a run that cannot make the merges it needs."""
@@ -223,15 +228,7 @@ class NumpyZip:
         row[dead] = -np.inf                     # also clears 0 · -inf = NaN when alpha = 0
         row[i] = -np.inf
         S[i], S[:, i], S[j] = row, row, -np.inf
-        self.members[i], self.members[j] = self.members[i] + self.members[j], []
-        ki, kj = self.kinds[i], self.kinds[j]
-        self.kinds[i] = self.kind[i] = ki if ki == kj else 2
-        if ki == kj != 2:
-            self.used[ki] += 1
-            if self.used[ki] >= self.caps[ki]:
-                self.exhausted[ki], self.spent[ki] = True, True
-                return ki
-        return None
+        return _book(self, i, j)
 
     def _patch(self, i: int, j: int) -> np.ndarray:
         """Update the caches for column i's new values; returns the rows to recompute."""

@@ -45,6 +45,7 @@ class Inflation:
     deviation: float = 0.0
     new_nodes: set[str] = field(default_factory=set)        # nodes of ``module`` that were spliced in
     carries: dict[str, str] = field(default_factory=dict)   # an inserted unit's output → its input
+    carry_error: float = 0.0    # largest relative difference of a carried output from its input
 
 
 def _conv_identity(m: nn.Module) -> None:
@@ -238,14 +239,37 @@ def inflate_stages(gm: fx.GraphModule, stages: list[Stage], other_stages: list[S
                              f"{list(al.inserted())}")
     new.graph.lint()
     new.recompile()
-    info.deviation = _deviation(gm, new, example)
+    info.deviation, info.carry_error = _deviation(gm, new, example, info.carries)
     return info
 
 
-def _deviation(old: fx.GraphModule, new: fx.GraphModule, x: torch.Tensor) -> float:
+class _Carried(fx.Interpreter):
+    """Runs the inflated module and keeps the values of the named nodes."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names, self.seen = names, {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.seen[n.name] = out.clone() if isinstance(out, torch.Tensor) else out
+        return out
+
+
+def _deviation(old: fx.GraphModule, new: fx.GraphModule, x: torch.Tensor,
+               carries: dict[str, str]) -> tuple[float, float]:
+    """Relative max deviation of the outputs, and of each inserted unit's output from the
+    value it carries (inf where the shapes differ), on ``x``."""
+    run = _Carried(new, set(carries) | set(carries.values()))
     with eval_mode(old), eval_mode(new):
-        y0, y1 = _flat(old(x)), _flat(new(x))
-    return float((y0 - y1).abs().max() / y0.abs().max().clamp_min(1e-12))
+        y0, y1 = _flat(old(x)), _flat(run.run(x))
+    carry = 0.0
+    for out, inp in carries.items():
+        a, b = run.seen[out], run.seen[inp]
+        carry = max(carry, float("inf") if a.shape != b.shape else
+                    float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)))
+    return float((y0 - y1).abs().max() / y0.abs().max().clamp_min(1e-12)), carry
 
 
 def _flat(y) -> torch.Tensor:
