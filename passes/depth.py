@@ -21,6 +21,7 @@ Example::
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -127,8 +128,8 @@ def truncated(gm: fx.GraphModule, watch: list[str]) -> fx.GraphModule:
     """A copy of ``gm``'s graph that returns (clones of) the watched nodes' values and stops
     there: nodes after the last watched one, and any not needed for them, are removed.
 
-    The clones keep later in-place ops of the graph from changing a returned value. The
-    copy shares ``gm``'s submodules and parameters (nothing is copied).
+    A value that a later in-place op may change (:func:`may_mutate`) is returned as a clone.
+    The copy shares ``gm``'s submodules and parameters (nothing is copied).
 
     Example::
 
@@ -147,14 +148,62 @@ def truncated(gm: fx.GraphModule, watch: list[str]) -> fx.GraphModule:
         env[node] = graph.node_copy(node, lambda n: env[n])
         if node.name in todo:
             todo.discard(node.name)
-            outs[node.name] = graph.call_method("clone", (env[node],))
+            outs[node.name] = (graph.call_method("clone", (env[node],)) if may_mutate(gm, node)
+                               else env[node])
     if todo:
         raise MergeError(f"truncated(): nodes {sorted(todo)} are not in the graph")
     graph.output(tuple(outs[n] for n in watch))
     out = fx.GraphModule(gm, graph, f"{type(gm).__name__}_upto_{watch[-1]}")
-    out.graph.eliminate_dead_code()
+    out.graph.eliminate_dead_code(lambda n: n.is_impure() or _writes_first(gm, n))  # keep writes
     out.recompile()
     return out
+
+
+_INPLACE_OPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                operator.ilshift, operator.irshift, operator.imatmul}
+_VIEWS = {"view", "reshape", "flatten", "narrow", "transpose", "permute", "t", "squeeze",
+          "unsqueeze", "expand", "expand_as", "view_as", "split", "chunk", "unbind", "movedim",
+          "select", "contiguous", "getitem", "detach", "unflatten", "swapaxes", "as_strided"}
+
+
+def _name(target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
+
+
+def _writes_first(gm: fx.GraphModule, user: fx.Node) -> bool:
+    """Whether ``user`` writes in place to its first argument."""
+    name = _name(user.target)
+    if user.op == "call_module":
+        return bool(getattr(gm.get_submodule(user.target), "inplace", False))
+    return user.op in ("call_function", "call_method") and bool(
+        user.target in _INPLACE_OPS or user.kwargs.get("inplace")
+        or (name.endswith("_") and not name.startswith("_")))
+
+
+def may_mutate(gm: fx.GraphModule, node: fx.Node, _skip: fx.Node | None = None) -> bool:
+    """Whether some op may write in place to ``node``'s value after it is computed: a user
+    (or a user of a view of it) that writes to its first argument (an ``inplace=True``
+    module, an augmented assignment, a ``*_`` method or function, an ``inplace=True``
+    argument), or, when ``node`` itself is such an op, a later writer of the tensor it
+    aliases. Conservative: views are followed, anything else that reads is taken as pure.
+
+    Example::
+
+        >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.ReLU(True)))
+        >>> [may_mutate(gm, n) for n in gm.graph.nodes][:3]
+        [False, True, False]
+    """
+    for user in node.users:
+        if user is _skip:
+            continue
+        first = bool(user.args) and user.args[0] is node
+        if first and _writes_first(gm, user):
+            return True
+        if user.op != "call_module" and _name(user.target) in _VIEWS and may_mutate(gm, user):
+            return True
+    src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    return src is not None and _writes_first(gm, node) and may_mutate(gm, src, _skip=node)
 
 
 def unit_cka(ir_a: MergeIR, ir_b: MergeIR, labels_a: list[str], labels_b: list[str], data, *,

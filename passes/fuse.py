@@ -103,7 +103,8 @@ def fuse(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], matches: list[Mat
         if other not in state_b or other not in by_b:
             raise MergeError(f"{ir_a.name}'s parameter '{name}' has no counterpart in {ir_b.name}")
         wb = _transform(ir_b, state_b[other].float().to(t.device), by_b[other], maps_b)
-        if t.is_floating_point() and not bool(t.any()):    # an inserted zero block's: adds 0
+        if t.is_floating_point() and t.numel() and not bool(t.reshape(-1)[0]) and not bool(t.any()):
+            # all zero (an inserted zero block's): adds nothing
             merged[name] = wb.to(t.dtype)
             continue
         wa = _transform(ir_a, t.float(), by_a[name], maps_a)

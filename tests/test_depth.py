@@ -259,3 +259,29 @@ def test_inexact_insertions_fall_back_to_a_second_forward():
     assert res.report.depth.measured                    # a stage with a choice of alignment
     assert any("not taken from the depth pass's forward" in n for n in res.report.notes)
     assert not any("taken from the depth pass's forward (the" in n for n in res.report.notes)
+
+
+def test_truncated_clones_only_values_written_later():
+    """A watched value that a later op writes in place (directly, through a view, or through
+    the tensor an in-place op aliased) is returned as it was when computed."""
+    from hmir.passes.depth import may_mutate, truncated
+
+    class M(nn.Module):
+        def forward(self, x):
+            a = x * 2
+            b = torch.relu_(a)          # b aliases a
+            c = b + 1                   # pure read
+            a.add_(5)                   # writes b too
+            d = c.view(-1)
+            d.mul_(3)                   # writes c through a view
+            e = c * 1                   # c is not written after this
+            return b, c, e
+
+    gm = torch.fx.symbolic_trace(M())
+    flags = {n.name: may_mutate(gm, n) for n in gm.graph.nodes}
+    assert flags["relu_"] and flags["add"] and not flags["mul_1"]
+    x = torch.randn(5)
+    outs = truncated(gm, ["relu_", "add", "mul_1"])(x)
+    ref_b = torch.relu(x * 2)
+    assert torch.equal(outs[0], ref_b) and torch.equal(outs[1], ref_b + 1)
+    assert torch.equal(outs[2], (ref_b + 1) * 3)
