@@ -14,7 +14,8 @@ What is printed and written to ``benchmarks/results/merge_<device>.md`` (+ ``.js
    8 batches of 16 at 3×64×64: merge seconds per pass and the **overhead ratio** = merge time /
    time of one plain forward pass of both models (eval, no_grad, ``model(x)``) over the same
    calibration data, measured in the same child before and after the merge (mean of the two);
-   in wall seconds and in process CPU seconds.
+   in wall seconds and in process CPU seconds. Each main pair runs in ``--repeat`` (3) fresh
+   children and the run of the median ratio is reported, with all runs' ratios.
 2. resnet18+resnet34 at 4, 8, 16 calibration batches: the peak must stay flat (statistics
    stream; nothing is kept per sample).
 3. A width sweep (hmir.zoo.resnet20 pairs at width 1, 2, 4, 8): the peak grows with width².
@@ -24,7 +25,7 @@ OpenMP threads that wait for each other made the same forward pass swing from 0.
 
 Usage::
 
-    python benchmarks/bench_merge.py            # default size: ~3 min on a 2-core CPU
+    python benchmarks/bench_merge.py            # default size: ~5 min on a 2-core CPU
     python benchmarks/bench_merge.py --quick    # under a minute: hmir.zoo models, tiny data
     python benchmarks/bench_merge.py --device cuda --batches 16 --size 96
     python benchmarks/bench_merge.py --only samples --sample-batches 4,16,64
@@ -265,6 +266,12 @@ def render(device: str, env: dict, args, recs: list[dict], wall: float) -> str:
                      + ("" if cuda else f"{_ratio_cell(r, 'ratio_cpu', tgt)} | ") +
                      f"{'≤ %g' % tgt if tgt else '—'} | {_mib(r[peak_key])} | {_mib(r['params_b'])} | "
                      f"{_mib(r['stats_b'])} |")
+        runs = [r for r in main if len(r.get("runs", ())) > 1]
+        if runs:
+            L += ["", "Each main pair ran in %d fresh children; the table shows the run of the median "
+                  "ratio (CPU time). All runs' ratios (CPU time): " % len(runs[0]["runs"])
+                  + "; ".join(f"{_label(r)} " + ", ".join(f"{x['ratio_cpu']:.2f}" for x in r["runs"])
+                              for r in runs) + "."]
         for kind, sfx in (("wall", "_s"), ("CPU", "_cpu_s")):
             if cuda and kind == "CPU":
                 continue
@@ -339,15 +346,26 @@ def plan(args, device: str) -> list[dict]:
     return [c for c in cfgs if only is None or c["role"] in only]
 
 
-def run_all(cfgs: list[dict]) -> list[dict]:
-    """Spawn every configuration once; one that differs from an earlier one only by its role
-    (the samples sweep point at the main calibration size) reuses that record."""
+def spawn_median(cfg: dict, repeat: int) -> dict:
+    """``repeat`` fresh children of one configuration; the record of the median ratio (CPU
+    time), with every run's ratios in ``runs`` (the machine is noisy: single runs of the same
+    configuration have differed by ±12 %)."""
+    recs = sorted((spawn(cfg) for _ in range(repeat)), key=lambda r: r["ratio_cpu"])
+    med = dict(recs[len(recs) // 2])
+    med["runs"] = [{"ratio": r["ratio"], "ratio_cpu": r["ratio_cpu"]} for r in recs]
+    return med
+
+
+def run_all(cfgs: list[dict], repeat: int = 1) -> list[dict]:
+    """Spawn every configuration once (the main pairs ``repeat`` times, keeping the median);
+    one that differs from an earlier one only by its role (the samples sweep point at the main
+    calibration size) reuses that record."""
     done: dict[str, dict] = {}
     out = []
     for c in cfgs:
         key = json.dumps({k: v for k, v in c.items() if k not in ("role", "kind")}, sort_keys=True)
         if key not in done:
-            done[key] = spawn(c)
+            done[key] = spawn_median(c, repeat) if c["role"] == "main" and repeat > 1 else spawn(c)
         else:
             print(f"  {c['role']:8s} {c['a']} + {c['b']}  {c['batches']}x{c['batch']}x{c['size']}²: "
                   "same configuration as above, record reused", flush=True)
@@ -382,6 +400,8 @@ def main(argv=None) -> None:
     ap.add_argument("--width", default="max")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target", type=float, default=3.0, help="ratio target of resnet18+34 on CPU")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="fresh runs of each main pair; the median ratio is reported (default 3)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -396,7 +416,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         env["load_start"] = os.getloadavg()[0]
         print(f"[bench_merge] {device}: torch {env['torch']}, threads {args.threads}", flush=True)
-        recs = run_all(plan(args, device))
+        recs = run_all(plan(args, device), args.repeat)
         env["load_end"] = os.getloadavg()[0]
         md = render(device, env, args, recs, time.perf_counter() - t0)
         stem = f"merge_{device.split(':')[0]}{'_quick' if args.quick else ''}"
