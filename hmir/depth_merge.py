@@ -119,14 +119,12 @@ def _fused(ir_a, ir_b, calib, x, opts, report, progress, stages, measure):
     else:
         _note_insertions(irs, infls, report)
     stats = {}
-    if names is not None:
-        for p in pair_spaces(*irs):
-            if p.points and absent_pair(*irs, p) is None:
-                keys_p = pair_keys(p, *irs, names)
-                st = keys_p and assemble(keys_p, (irs[0].space(p.a).n, irs[1].space(p.b).n),
-                                         (st_a, st_b), crosses)
-                if st is not None and st is not False and keys_p:
-                    stats[p] = st
+    for p in (pair_spaces(*irs) if names is not None else ()):
+        keys_p = pair_keys(p, *irs, names) if p.points and absent_pair(*irs, p) is None else None
+        st = keys_p and assemble(keys_p, (irs[0].space(p.a).n, irs[1].space(p.b).n),
+                                 (st_a, st_b), crosses)
+        if st:
+            stats[p] = st
     report.notes.append(f"observe: statistics of {len(stats)} pairs of spaces taken from the "
                         f"depth pass's forward (the models ran once for both)")
     return irs[0], irs[1], plan, stats
