@@ -37,6 +37,8 @@ from hmir.units import Stage, find_stages, stage_table
 
 
 CKA_MODES = ("needed", "all")
+SMALL_BATCHES = ("depth alignment needs calibration batches of at least 4 examples (linear CKA "
+                 "uses the unbiased HSIC estimator); every batch was smaller")
 
 
 @dataclass(frozen=True)
@@ -231,8 +233,7 @@ def unit_cka(ir_a: MergeIR, ir_b: MergeIR, labels_a: list[str], labels_b: list[s
                                            f"not be run by {name}: {e}") from e
             cka.update(list(outs[0]), list(outs[1]))
     if not cka.batches:
-        raise CalibrationError("depth alignment needs calibration batches of at least 4 examples "
-                               "(linear CKA uses the unbiased HSIC estimator); every batch was smaller")
+        raise CalibrationError(SMALL_BATCHES)
     return cka.matrix()
 
 

@@ -82,10 +82,9 @@ class SpaceStats:
         cb = [(k, f.float() - self.shift[na:]) for k, f in runs_b]
         prod = torch.zeros(n, n, dtype=torch.float32, device=self.outer.device)
         for (k, f), off in [(x, 0) for x in ca] + [(x, na) for x in cb]:
-            self.total[off:off + f.shape[1]] += f.sum(0, dtype=torch.float64) * k
-            for ra, rb in _gram_blocks(f.shape[1], start=off):
-                prod[ra, rb].addmm_(f[:, ra.start - off:ra.stop - off].T,
-                                    f[:, rb.start - off:rb.stop - off], alpha=k)
+            w = f.shape[1]
+            self.total[off:off + w] += f.sum(0, dtype=torch.float64) * k
+            prod[off:off + w, off:off + w] += upper_gram(f, k)
         cross = prod[:na, na:]
         if len(runs_a) <= len(runs_b):          # group the cross block by the side with fewer runs
             for (_, fa), side in zip(ca, _run_sums(runs_a, [f for _, f in cb], [k for k, _ in runs_b])):
@@ -149,6 +148,31 @@ class SpaceStats:
         return torch.cat(parts, 1)
 
 
+def upper_gram(f: torch.Tensor, alpha: float = 1) -> torch.Tensor:
+    """``alpha · fᵀ f`` valid on and above the diagonal (:func:`_gram_blocks`: no n × n
+    product where the matrix is wide), in ``f``'s dtype.
+
+    Example::
+
+        >>> f = torch.randn(6, 3)
+        >>> bool(torch.allclose(torch.triu(upper_gram(f)), torch.triu(f.T @ f)))
+        True
+    """
+    blocks = _gram_blocks(f.shape[1])
+    if len(blocks) == 1:
+        return torch.mm(f.T, f) if alpha == 1 else torch.mm(f.T, f).mul_(alpha)
+    out = torch.zeros(f.shape[1], f.shape[1], dtype=f.dtype, device=f.device)
+    for ra, rb in blocks:
+        out[ra, rb].addmm_(f[:, ra].T, f[:, rb], alpha=alpha)
+    return out
+
+
+def features_at(v: torch.Tensor, dim: int, offset: int, width: int) -> torch.Tensor:
+    """The ``width`` features from ``offset`` of axis ``dim`` of ``v``, one row per position
+    (a view where the layout allows, else a copy)."""
+    return v.narrow(dim, offset, width).movedim(dim, -1).reshape(-1, width)
+
+
 def _runs(feats: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
     """``(multiplicity, features)`` of each run of consecutive equal feature matrices."""
     runs: list[list] = []
@@ -181,12 +205,12 @@ def _edges(n: int, rows: int = 256) -> list[int]:
     return [k * n // nb for k in range(nb + 1)]
 
 
-def _gram_blocks(n: int, rows: int = 256, start: int = 0) -> list[tuple[slice, slice]]:
+def _gram_blocks(n: int, rows: int = 256) -> list[tuple[slice, slice]]:
     """Pairs of column blocks ``(a, b)``, ``a <= b``, covering the upper triangle of an n × n
     Gram (up to 8 × 8 blocks of >= ``rows``): ~half the flops of the full product and no n × n
     temporary. Each block's product equals the full product's entries bit for bit (same dot
     products; checked with the BLAS here), so the statistics are unchanged."""
-    edges = [start + e for e in _edges(n, rows)]
+    edges = _edges(n, rows)
     nb = len(edges) - 1
     return [(slice(edges[a], edges[a + 1]), slice(edges[b], edges[b + 1]))
             for a in range(nb) for b in range(a, nb)]
@@ -216,7 +240,7 @@ class _Recorder(ZeroSkipping):
         out = super().run_node(n)
         for pt, width in self.watch.get(n.name, ()):
             v = self.value(out)
-            g = v.narrow(pt.dim, pt.offset, width).movedim(pt.dim, -1).reshape(-1, width)
+            g = features_at(v, pt.dim, pt.offset, width)
             shared = v is out and g.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
             self.features[pt] = g.clone() if shared else g  # later in-place ops must not alter it
         return out

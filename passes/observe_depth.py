@@ -33,8 +33,8 @@ from hmir.cka import StreamingCKA
 from hmir.errors import CalibrationError
 from hmir.frontends.fx import eval_mode
 from hmir.ir import MergeIR
-from hmir.passes.depth import truncated
-from hmir.passes.observe import SpaceStats, _gram_blocks
+from hmir.passes.depth import SMALL_BATCHES, truncated
+from hmir.passes.observe import SpaceStats, features_at, upper_gram
 from hmir.units import Stage
 
 Key = tuple  # (node, dim, offset, width) of an original model's observation point
@@ -123,25 +123,13 @@ def pair_keys(pair, ir_a: MergeIR, ir_b: MergeIR, names: tuple[dict, dict]) -> l
     return out
 
 
-def _features(v: torch.Tensor, key: Key) -> torch.Tensor:
-    _, dim, off, w = key
-    return v.narrow(dim, off, w).movedim(dim, -1).reshape(-1, w).float()
-
-
 def _accumulate(ks: KeyStats, key: Key, c: torch.Tensor) -> None:
     w = c.shape[1]
     if key not in ks.total:
         ks.total[key] = torch.zeros(w, dtype=torch.float64, device=c.device)
         ks.outer[key] = torch.zeros(w, w, dtype=torch.float64, device=c.device)
         ks.count[key] = 0
-    blocks = _gram_blocks(w)
-    if len(blocks) == 1:
-        ks.outer[key] += c.T @ c
-    else:
-        prod = torch.zeros(w, w, dtype=torch.float32, device=c.device)
-        for ra, rb in blocks:
-            prod[ra, rb].addmm_(c[:, ra].T, c[:, rb])
-        ks.outer[key] += prod
+    ks.outer[key] += upper_gram(c)
     ks.total[key] += c.sum(0, dtype=torch.float64)
     ks.count[key] += c.shape[0]
 
@@ -175,7 +163,7 @@ def joint_forward(irs: tuple[MergeIR, MergeIR], keys: tuple[list, list], cross: 
             for side in (0, 1):
                 ks, fs = stats[side], {}
                 for key in keys[side]:
-                    f = _features(vals[side][key[0]], key)
+                    f = features_at(vals[side][key[0]], *key[1:]).float()
                     if key not in ks.shift:
                         ks.shift[key] = f.mean(0)
                     fs[key] = f - ks.shift[key]
@@ -185,8 +173,7 @@ def joint_forward(irs: tuple[MergeIR, MergeIR], keys: tuple[list, list], cross: 
                 prod = feats[0][ka].T @ feats[1][kb]
                 crosses[(ka, kb)] = prod.double() if acc is None else acc.add_(prod)
     if cka is not None and not cka.batches:
-        raise CalibrationError("depth alignment needs calibration batches of at least 4 examples "
-                               "(linear CKA uses the unbiased HSIC estimator); every batch was smaller")
+        raise CalibrationError(SMALL_BATCHES)
     return (cka.matrix() if cka is not None else None), stats[0], stats[1], crosses
 
 
