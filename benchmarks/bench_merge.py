@@ -18,7 +18,7 @@ What is printed and written to ``benchmarks/results/merge_<device>.md`` (+ ``.js
    children and the run of the median ratio is reported, with all runs' ratios.
 2. resnet18+resnet34 at 4, 8, 16 calibration batches: the peak must stay flat (statistics
    stream; nothing is kept per sample).
-3. A width sweep (hmir.zoo.resnet20 pairs at width 1, 2, 4, 8): the peak grows with width².
+3. A width sweep (hmir.harness.zoo.resnet20 pairs at width 1, 2, 4, 8): the peak grows with width².
 
 Each child runs torch on one thread by default (``--threads``): on a shared 2-core machine two
 OpenMP threads that wait for each other made the same forward pass swing from 0.1 s to 4.5 s.
@@ -26,7 +26,7 @@ OpenMP threads that wait for each other made the same forward pass swing from 0.
 Usage::
 
     python benchmarks/bench_merge.py            # default size: ~5 min on a 2-core CPU
-    python benchmarks/bench_merge.py --quick    # under a minute: hmir.zoo models, tiny data
+    python benchmarks/bench_merge.py --quick    # under a minute: hmir.harness.zoo models, tiny data
     python benchmarks/bench_merge.py --device cuda --batches 16 --size 96
     python benchmarks/bench_merge.py --only samples --sample-batches 4,16,64
 """
@@ -78,7 +78,7 @@ def build(spec: str, seed: int) -> torch.nn.Module:
 
         return getattr(torchvision.models, name)(weights=None, num_classes=10)
     if kind == "zoo":
-        from hmir import zoo
+        from hmir.harness import zoo
 
         return getattr(zoo, name)(width=int(rest[0]) if rest else 1)
     raise SystemExit(f"unknown model spec {spec!r}: use tv:NAME or zoo:NAME:WIDTH")
@@ -124,7 +124,7 @@ def _count_cpu_time() -> dict[str, float]:
 
     Wall seconds depend on what else runs on the machine; CPU seconds much less so.
     """
-    from hmir.report import MergeReport
+    from hmir.pipeline.report import MergeReport
 
     cpu: dict[str, float] = {}
     wall_timed = MergeReport.timed
@@ -300,7 +300,7 @@ def render(device: str, env: dict, args, recs: list[dict], wall: float) -> str:
                      + ("" if cuda else f" {r['ratio_cpu']:.2f} |"))
         L.append("")
     if widths:
-        L += ["## Peak memory vs width (hmir.zoo.resnet20 pairs of equal width)", "",
+        L += ["## Peak memory vs width (hmir.harness.zoo.resnet20 pairs of equal width)", "",
               f"calibration {_calib(widths[0]['cfg'])} (a small batch, so that the per-batch activations, "
               "which grow only linearly with the width, do not hide the O(width²) parts); "
               "O(w²) data = params of A and B + statistics, est. (Σ over free spaces of 16·(nA+nB)² "

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""``hmir.matching.match_zip`` against a plain ZipIt loop: identical merges, and how much faster.
+"""``hmir.algorithms.matching.match_zip`` against a plain ZipIt loop: identical merges, and how much faster.
 
 The reference is written here, independently of hmir: every step takes the argmax over the
 whole masked similarity matrix (the loop of the ZipIt paper's code), merges that pair, sets
@@ -7,11 +7,11 @@ the merged feature's similarity to every other feature to ``alpha * min(S_ik, S_
 blocks within-model pairs of a model whose budget ``floor(beta * n_model)`` of within-model
 merges is spent; ties go to the smallest (i, j). It keeps the masked matrix up to date
 incrementally (O(n) per merge besides the O(n²) argmax), so it is a fair, not a strawman,
-baseline. It is checked against ``hmir.matching.zip_reference`` on small sizes first.
+baseline. It is checked against ``hmir.algorithms.matching.zip_reference`` on small sizes first.
 
 Features: two models of ``w`` features each that share a latent (each feature is a noisy copy
 of one latent unit, plus a shared low-rank component, so that both across- and within-model
-merges happen); ``corr = hmir.matching.correlation(mean, cov)`` of the stacked features, in
+merges happen); ``corr = hmir.algorithms.matching.correlation(mean, cov)`` of the stacked features, in
 float32 as in the match pass. Both matchers run single-threaded on CPU.
 
 Usage::
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from hmir.matching import correlation, match_zip, zip_reference
+from hmir.algorithms.matching import correlation, match_zip, zip_reference
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -123,7 +123,7 @@ def timed(fn, device: str, min_total: float = 1.0, max_reps: int = 5):
 
 
 def check_small(device: str) -> list[str]:
-    """The loop here gives the same groups as hmir.matching.zip_reference (and match_zip)."""
+    """The loop here gives the same groups as hmir.algorithms.matching.zip_reference (and match_zip)."""
     lines = []
     cases = [(16, 16, None, 0.5, 0.5), (24, 40, None, 0.5, 0.5), (40, 24, 30, 0.0, 0.5),
              (32, 32, 20, 0.5, 0.1), (48, 32, None, 0.9, 0.0), (64, 64, None, 0.5, 0.5),
@@ -193,7 +193,7 @@ def render(device, env, args, checks, recs, skipped, wall) -> str:
          f"- load average (1 min) at start {env['load_start']:.2f}, at end {env['load_end']:.2f} "
          f"(above {env['cores']} = other jobs shared the CPU); whole run {wall:.0f}s",
          "- times are the best of up to 5 runs (match_zip) / 3 runs (reference) where a run is short",
-         f"- the loop here equals `hmir.matching.zip_reference` and `match_zip` on {len(checks)} "
+         f"- the loop here equals `hmir.algorithms.matching.zip_reference` and `match_zip` on {len(checks)} "
          "small cases (" + "; ".join(checks) + ")", "",
          "| width per model | n = nA+nB | merges | match_zip (s) | reference loop (s) | speed-up | "
          "groups identical |", "|---|---|---|---|---|---|---|"]

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from hmir import compile_merge, zoo
-from hmir.mnist import (calibration_batches, class_embeddings, evaluate, load_mnist5k, task_split,
+from hmir import compile_merge
+from hmir.harness import zoo
+from hmir.harness.mnist import (calibration_batches, class_embeddings, evaluate, load_mnist5k, task_split,
                         train_embedding_model)
 
 EMB_DIM = 32

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hmir import compile_merge, zoo
-from hmir.mnist import (calibration_batches, class_embeddings, evaluate, load_mnist5k, logits,
+from hmir import compile_merge
+from hmir.harness import zoo
+from hmir.harness.mnist import (calibration_batches, class_embeddings, evaluate, load_mnist5k, logits,
                         task_split, train_embedding_model)
 
 EMB_DIM = 32
@@ -68,8 +69,8 @@ def width_pair(split, seed: int, *, epochs: int, calib: int, plot: Path | None =
 def _mal_path(a, b, split, E, data, path: Path) -> None:
     """Loss along λ of MAL's zero-padded permutation merge (base: the narrower model A)."""
     from hmir.frontends import lower
-    from hmir.interpolate import loss_along_lambda, plot_paths
-    from hmir.pairing import pair_spaces, param_map
+    from hmir.algorithms.interpolate import loss_along_lambda, plot_paths
+    from hmir.ir.pairing import pair_spaces, param_map
     from hmir.passes.repair import repair
     from hmir.passes.weight_match import align_state, weight_match
 

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hmir import DepthOptions, compile_merge, zoo
-from hmir.mnist import (calibration_batches, class_embeddings, evaluate, load_mnist5k, logits,
+from hmir import DepthOptions, compile_merge
+from hmir.harness import zoo
+from hmir.harness.mnist import (calibration_batches, class_embeddings, evaluate, load_mnist5k, logits,
                         task_split, train_embedding_model)
 
 EMB = 32
@@ -122,8 +123,8 @@ def mudsc_pair(lab: Lab, arch: str, seed: int, alphas: list[float]) -> dict:
 def mal_paths(lab: Lab, arch: str, wa: int, wb: int, out: Path) -> dict:
     """MAL loss along λ (21 points) for all layers and two layer selections, seed 0."""
     from hmir.frontends import lower
-    from hmir.interpolate import loss_along_lambda, plot_paths
-    from hmir.pairing import pair_spaces, param_map
+    from hmir.algorithms.interpolate import loss_along_lambda, plot_paths
+    from hmir.ir.pairing import pair_spaces, param_map
     from hmir.passes.repair import repair
     from hmir.passes.weight_match import align_state, weight_match
 

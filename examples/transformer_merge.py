@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hmir import compile_merge
-from hmir.interpolate import LambdaPath, loss_along_lambda
+from hmir.algorithms.interpolate import LambdaPath, loss_along_lambda
 
 VOCAB, SEQ, CLASSES = 100, 12, 3
 

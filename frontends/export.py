@@ -30,7 +30,8 @@ from hmir.errors import TraceError, UnsupportedOpError
 from hmir.frontends.aten_rules import ACtx, AVal
 from hmir.frontends.builder import Builder
 from hmir.frontends.diagnostics import node_error, user_frame
-from hmir.frontends.fx import _fix_outputs, eval_mode
+from hmir.frontends.fx import _fix_outputs
+from hmir.ir.modes import eval_mode
 from hmir.ir import MergeIR, Segment
 
 
@@ -141,7 +142,7 @@ def lower(model: nn.Module, example: torch.Tensor, name: str = "model") -> Merge
 def lower_graph(gm: fx.GraphModule, example: torch.Tensor, name: str = "model") -> MergeIR:
     """Lower an already exported (aten) GraphModule, e.g. one hmir inflated with units."""
     from hmir.frontends.aten_table import lookup
-    from hmir.verify import verify
+    from hmir.ir.verify import verify
 
     with eval_mode(gm):
         ShapeProp(gm).propagate(example)

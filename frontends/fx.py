@@ -10,7 +10,6 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import linecache
 import sys
 
@@ -25,6 +24,7 @@ from hmir.frontends.diagnostics import node_error, user_frame
 from hmir.frontends.registry import MODULE_RULES, lookup
 from hmir.frontends.rules import Ctx
 from hmir.ir import MergeIR
+from hmir.ir.modes import eval_mode  # noqa: F401  (re-exported: it lived here)
 
 _HERE = __file__.replace("\\", "/")
 _HINTS = {
@@ -68,19 +68,6 @@ def _user_frame(frame) -> str:
     return ""
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Run ``model`` in eval mode under no_grad, restoring every module's train flag after."""
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield model
-    finally:
-        for m, t in flags.items():
-            m.training = t
-
-
 def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
     """Trace ``model`` with torch.fx; a failure raises :class:`TraceError` naming the line."""
     tracer = _Tracer()
@@ -109,7 +96,7 @@ def lower(model: nn.Module, example: torch.Tensor, name: str = "model") -> Merge
     Raises :class:`~hmir.errors.UnsupportedOpError` for ops no rule covers, naming the
     node, its source line and how to register a rule.
     """
-    from hmir.verify import verify
+    from hmir.ir.verify import verify
 
     gm = trace(model, name)
     propagate_shapes(gm, model, example)

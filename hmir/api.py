@@ -3,7 +3,7 @@
 Example::
 
     >>> from hmir import compile_merge
-    >>> from hmir.zoo import resnet20
+    >>> from hmir.harness.zoo import resnet20
     >>> a, b = resnet20(), resnet20()
     >>> batches = [torch.randn(16, 3, 32, 32) for _ in range(4)]
     >>> result = compile_merge(a, b, batches, method="zip", progress=False)
@@ -23,16 +23,16 @@ import torch.fx as fx
 import torch.nn as nn
 
 from hmir.backend import emit
-from hmir.data import Calibration
-from hmir.dual import check_similarity_alpha
+from hmir.pipeline.data import Calibration
+from hmir.algorithms.dual import check_similarity_alpha
 from hmir.errors import CalibrationError, IncompatibleModelsError, MergeError
-from hmir.frontends.fx import eval_mode
+from hmir.ir.modes import eval_mode
 from hmir.frontends.select import check_frontend, lower_pair
-from hmir.interpolate import interpolate
+from hmir.algorithms.interpolate import interpolate
 from hmir.ir import MergeIR
-from hmir.pairing import pair_spaces, param_map
+from hmir.ir.pairing import pair_spaces, param_map
 from hmir.passes.fuse import fuse
-from hmir.depth_merge import align_and_inflate
+from hmir.passes.align_depth import align_and_inflate
 from hmir.passes.depth import DepthOptions
 from hmir.passes.depth import depth as depth_pass
 from hmir.passes.match import METHODS, MatchOptions, absent_pair, match
@@ -40,8 +40,8 @@ from hmir.passes.observe import observe
 from hmir.passes.repair import has_norms
 from hmir.passes.repair import repair as repair_module
 from hmir.passes.weight_match import align_state, weight_match
-from hmir.report import MergeReport, SpaceReport
-from hmir.verify import verify
+from hmir.pipeline.report import MergeReport, SpaceReport
+from hmir.ir.verify import verify
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class MergeResult:
 
     def to_onnx(self, path: str | Path, *, example: torch.Tensor | None = None, atol: float = 1e-4):
         """Export the merged module to ONNX with a dynamic batch; checks parity with onnxruntime."""
-        from hmir.onnx_export import export_onnx
+        from hmir.backend.onnx_export import export_onnx
 
         return export_onnx(self.module, self.example if example is None else example, path, atol=atol)
 
@@ -106,7 +106,7 @@ def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", dept
     ``"max"``, ``"min"``, an int, a ratio of the larger width, or a per-space dict
     (see :func:`hmir.passes.match.target_width`). ``similarity_alpha``: None (default) matches
     on activation correlation; a number α in [0, 1] matches on the dual-space (MuDSC)
-    similarity α·activation + (1−α)·weight (see :mod:`hmir.dual`) — not ZipIt's ``alpha``,
+    similarity α·activation + (1−α)·weight (see :mod:`hmir.algorithms.dual`) — not ZipIt's ``alpha``,
     which is the decay of merged features' similarity. ``method="mal"``: Model Assembly
     Learning, the zero-padded generalised permutation of B onto A by weight matching, then
     ``(1−λ)·W_A + λ·P(W_B)`` with ``lam`` for the tensors under the module prefixes

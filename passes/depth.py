@@ -1,6 +1,6 @@
 """depth: align the units of two models stage by stage (SMA, LMA or uniform) from linear CKA.
 
-The stages of A and B (:func:`hmir.units.find_stages`) must correspond one to one (same
+The stages of A and B (:func:`hmir.ir.units.find_stages`) must correspond one to one (same
 count, compatible kinds); this is checked right after lowering, before any calibration.
 Where a stage has different unit counts, the outputs of every piece of those stages are
 compared by streamed, unbiased linear CKA over the calibration batches, and the stage's
@@ -28,12 +28,12 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from hmir.alignment import METHODS, Alignment, align, uniform_positions
-from hmir.cka import StreamingCKA
+from hmir.algorithms.alignment import METHODS, Alignment, align, uniform_positions
+from hmir.algorithms.cka import StreamingCKA
 from hmir.errors import CalibrationError, IncompatibleModelsError, MergeError
-from hmir.frontends.fx import eval_mode
+from hmir.ir.modes import eval_mode
 from hmir.ir import MergeIR
-from hmir.units import Stage, find_stages, stage_table
+from hmir.ir.units import Stage, find_stages, stage_table
 
 
 CKA_MODES = ("needed", "all")
@@ -43,7 +43,7 @@ SMALL_BATCHES = ("depth alignment needs calibration batches of at least 4 exampl
 
 @dataclass(frozen=True)
 class DepthOptions:
-    """``method``: ``"lma"``, ``"sma"`` or ``"uniform"`` (see :mod:`hmir.alignment`);
+    """``method``: ``"lma"``, ``"sma"`` or ``"uniform"`` (see :mod:`hmir.algorithms.alignment`);
     ``cka``: ``"needed"`` (only stages whose alignment has a choice) or ``"all"``;
     ``fuse_observe``: let compile_merge take the observe statistics from the CKA forward
     (:mod:`hmir.passes.observe_depth`) instead of running the models a second time."""

@@ -4,7 +4,7 @@ Along each feature dim of a parameter, each slice's units are transformed by the
 matrix of its space (rows: ``M_i``; columns: ``U_iᵀ``), so biases, norm affine parameters
 and running statistics are merged alike. Merge and unmerge matrices send each unit to at
 most one merged unit, so they are applied as gathers and index-adds
-(:class:`~hmir.slicing.UnitMap`), not dense products. Grouped-conv weights are expanded to their dense
+(:class:`~hmir.ir.slicing.UnitMap`), not dense products. Grouped-conv weights are expanded to their dense
 block-diagonal form, fused, and compressed back (exact when the match respects groups).
 
 Example::
@@ -19,32 +19,15 @@ import torch
 
 from hmir.errors import MergeError
 from hmir.ir import MergeIR, Slice
-from hmir.matching import Match
-from hmir.passes.observe import SpacePair
-from hmir.slicing import UnitMap, apply_map, apply_units
+from hmir.algorithms.matching import Match
+from hmir.ir.pairing import SpacePair
+from hmir.ir.slicing import UnitMap, apply_map, apply_units, compress_grouped, expand_grouped
 
 
 def _side(m: Match, side: int, n_a: int, role: str) -> torch.Tensor:
     """The (r × n_side) matrix applied to a slice of model ``side`` for ``role``."""
     cols = slice(0, n_a) if side == 0 else slice(n_a, None)
     return m.M[:, cols] if role == "out" else m.U[cols, :].T
-
-
-def _expand_grouped(t: torch.Tensor, sl: Slice, n_in: int, k_in: int) -> torch.Tensor:
-    """(out, k_in, ...) grouped weight → dense (out, n_in, ...) block-diagonal weight."""
-    rows = t.shape[0]
-    k_out = rows // (n_in // k_in)
-    dense = t.new_zeros((rows, n_in) + tuple(t.shape[2:]))
-    for g in range(n_in // k_in):
-        dense[g * k_out:(g + 1) * k_out, g * k_in:(g + 1) * k_in] = t[g * k_out:(g + 1) * k_out]
-    return dense
-
-
-def _compress_grouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
-    rows, n_in = dense.shape[:2]
-    k_out, k_in = rows // groups, n_in // groups
-    parts = [dense[g * k_out:(g + 1) * k_out, g * k_in:(g + 1) * k_in] for g in range(groups)]
-    return torch.cat(parts, 0)
 
 
 class _Maps:
@@ -70,14 +53,14 @@ def _transform(ir: MergeIR, t: torch.Tensor, slices: list[Slice], maps: _Maps) -
     grouped = [sl for sl in slices if sl.grouped]
     if grouped:
         s = ir.space(grouped[0].space)
-        t = _expand_grouped(t, grouped[0], s.n, s.group_size)
+        t = expand_grouped(t, grouped[0], s.n, s.group_size)
     for dim in sorted({sl.dim for sl in slices}):
         parts = []
         for sl in sorted((x for x in slices if x.dim == dim), key=lambda x: x.offset):
             parts.append(maps.apply(t, replace(sl, grouped=False), ir.space(sl.space).n))
         t = torch.cat(parts, dim) if len(parts) > 1 else parts[0]
     if grouped:
-        t = _compress_grouped(t, ir.space(grouped[0].space).groups)
+        t = compress_grouped(t, ir.space(grouped[0].space).groups)
     return t
 
 
@@ -86,7 +69,7 @@ def fuse(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], matches: list[Mat
          names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """The merged state dict, in A's parameter names.
 
-    ``names`` maps A's sliced parameters to B's (:func:`hmir.pairing.param_map`); by
+    ``names`` maps A's sliced parameters to B's (:func:`hmir.ir.pairing.param_map`); by
     default B's parameter of the same name.
     """
     n_a = [ir_a.space(p.a).n for p in pairs]

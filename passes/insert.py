@@ -31,8 +31,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from hmir.errors import IncompatibleModelsError, MergeError
-from hmir.frontends.fx import eval_mode
-from hmir.units import Piece, Stage
+from hmir.ir.modes import eval_mode
+from hmir.ir.units import Piece, Stage
 
 
 @dataclass

@@ -5,9 +5,9 @@ Methods are registered in :data:`METHODS` (``avg``, ``permute``, ``zip``); fixed
 matched as whole groups first (Hungarian on per-group-pair scores summed over the group
 class), then unit by unit within each paired group; the report says so. Group classes
 whose group counts or sizes differ go through rectangular group alignment
-(:mod:`hmir.groups`, zip methods only).
+(:mod:`hmir.algorithms.groups`, zip methods only).
 
-With ``similarity_alpha`` set (MuDSC, :mod:`hmir.dual`), ungrouped free spaces are matched
+With ``similarity_alpha`` set (MuDSC, :mod:`hmir.algorithms.dual`), ungrouped free spaces are matched
 on ``α·activation + (1−α)·weight`` similarity, sweeping over the spaces until no match
 changes; ``None`` keeps the activation correlation plus a tiny weight tie-break.
 
@@ -23,13 +23,14 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from hmir.dual import check_similarity_alpha, dual_sweeps
+from hmir.algorithms.dual import check_similarity_alpha, dual_sweeps
 from hmir.errors import MergeError
-from hmir.groups import match_groups_rect
+from hmir.algorithms.groups import match_groups_rect
 from hmir.ir import MergeIR, Space
-from hmir.matching import Match, _build, match_avg, match_keep, match_permute, match_zip
-from hmir.passes.observe import SpacePair, SpaceStats
-from hmir.tiebreak import producer_rows, row_length, similarity, stacked_similarity  # noqa: F401
+from hmir.algorithms.matching import Match, _build, match_avg, match_keep, match_permute, match_zip
+from hmir.ir.pairing import SpacePair
+from hmir.passes.observe import SpaceStats
+from hmir.algorithms.tiebreak import producer_rows, row_length, similarity, stacked_similarity  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,8 @@ def check_method(method: str) -> None:
 
 def _default_similarity(sa: Space, sb: Space, ir_a: MergeIR, ir_b: MergeIR, st: SpaceStats,
                         states: tuple[dict, dict], tie: float) -> torch.Tensor:
-    """:func:`~hmir.tiebreak.similarity`; the producer rows are only built when the tie-break
-    can use them, straight into one stacked buffer (:func:`~hmir.tiebreak.stacked_similarity`)."""
+    """:func:`~hmir.algorithms.tiebreak.similarity`; the producer rows are only built when the tie-break
+    can use them, straight into one stacked buffer (:func:`~hmir.algorithms.tiebreak.stacked_similarity`)."""
     corr = st.corr(dtype=torch.float32)
     if tie == 0 or row_length(sa, states[0]) != row_length(sb, states[1]):
         return corr
@@ -114,7 +115,7 @@ def match(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], stats: list[Spac
     """Match every pair; returns the matches (in pair order) and notes for the report.
 
     A pair whose one side is absent (an inserted zero block's inner features) keeps the
-    other side's features unchanged (:func:`~hmir.matching.match_keep`).
+    other side's features unchanged (:func:`~hmir.algorithms.matching.match_keep`).
     """
     check_method(opts.method)
     check_similarity_alpha(opts.similarity_alpha, opts.method)

@@ -18,10 +18,11 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from hmir.errors import CalibrationError
-from hmir.frontends.fx import eval_mode
+from hmir.ir.modes import eval_mode
 from hmir.ir import MergeIR, ObsPoint
-from hmir.matching import correlation_rows
-from hmir.zeros import ZeroSkipping
+from hmir.ir.pairing import SpacePair  # noqa: F401  (re-exported: it lived here)
+from hmir.algorithms.matching import correlation_rows
+from hmir.ir.zeros import ZeroSkipping
 
 
 @dataclass
@@ -216,20 +217,11 @@ def _gram_blocks(n: int, rows: int = 256) -> list[tuple[slice, slice]]:
             for a in range(nb) for b in range(a, nb)]
 
 
-@dataclass(frozen=True)
-class SpacePair:
-    """Corresponding spaces of A and B with their paired observation points."""
-
-    a: int
-    b: int
-    points: tuple[tuple[ObsPoint, ObsPoint], ...]
-
-
 class _Recorder(ZeroSkipping):
     """Runs a graph module and keeps the features of watched nodes for one batch.
 
     Values that are zero by construction (an inserted zero block's layers) are not computed
-    (:class:`~hmir.zeros.ZeroSkipping`); where watched, their features are zeros as before.
+    (:class:`~hmir.ir.zeros.ZeroSkipping`); where watched, their features are zeros as before.
     """
 
     def __init__(self, gm: fx.GraphModule, watch: dict[str, list[tuple[ObsPoint, int]]]):

@@ -29,13 +29,13 @@ from itertools import product
 import torch
 from tqdm.auto import tqdm
 
-from hmir.cka import StreamingCKA
+from hmir.algorithms.cka import StreamingCKA
 from hmir.errors import CalibrationError
-from hmir.frontends.fx import eval_mode
+from hmir.ir.modes import eval_mode
 from hmir.ir import MergeIR
 from hmir.passes.depth import SMALL_BATCHES, truncated
 from hmir.passes.observe import SpaceStats, features_at, upper_gram
-from hmir.units import Stage
+from hmir.ir.units import Stage
 
 Key = tuple  # (node, dim, offset, width) of an original model's observation point
 

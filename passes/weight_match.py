@@ -25,9 +25,9 @@ from scipy.optimize import linear_sum_assignment
 
 from hmir.errors import MergeError
 from hmir.ir import MergeIR, Slice
-from hmir.pairing import pair_spaces, param_map
-from hmir.passes.observe import SpacePair
-from hmir.slicing import slice_index
+from hmir.ir.pairing import pair_spaces, param_map
+from hmir.ir.pairing import SpacePair
+from hmir.ir.slicing import slice_index
 
 
 @dataclass

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hmir.alignment import METHODS, Alignment, align, objective, uniform_positions
+from hmir.algorithms.alignment import METHODS, Alignment, align, objective, uniform_positions
 from hmir.errors import MergeError
 
 SIZES = [(m, n) for m in range(1, 9) for n in range(1, m + 1)]

@@ -10,14 +10,14 @@ import torch
 import torch.nn as nn
 
 from conftest import randomized, rel_err
-from hmir import zoo
+from hmir.harness import zoo
 from hmir.backend import emit
 from hmir.errors import HMIRError, MergeError
 from hmir.frontends import lower, register_module, rules, unregister_module
 from hmir.ir import Segment
-from hmir.resize import (RESIZE_RULES, register_resize, resized_ir, set_tensors,
+from hmir.backend.resize import (RESIZE_RULES, register_resize, resized_ir, set_tensors,
                          unregister_resize)
-from hmir.verify import verify
+from hmir.ir.verify import verify
 from test_lowering import GNNet
 
 

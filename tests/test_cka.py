@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from hmir.alignment import align
-from hmir.cka import StreamingCKA, linear_cka, plot_cka
+from hmir.algorithms.alignment import align
+from hmir.algorithms.cka import StreamingCKA, linear_cka, plot_cka
 from hmir.errors import CalibrationError, MergeError
 
 

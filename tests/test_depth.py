@@ -9,10 +9,11 @@ import torch
 import torch.nn as nn
 
 from conftest import randomized, rel_err, torchvision_model
-from hmir import compile_merge, depth_plan, inflate, zoo
+from hmir import compile_merge, depth_plan, inflate
+from hmir.harness import zoo
 from hmir.errors import IncompatibleModelsError
 from hmir.frontends import lower
-from hmir.units import find_stages
+from hmir.ir.units import find_stages
 from test_lowering import assert_permutation_invariant
 
 

@@ -8,16 +8,17 @@ import torch
 import torch.nn as nn
 
 from conftest import randomized, rel_err
-from hmir import compile_merge, zoo
-from hmir.data import Calibration
-from hmir.dual import WeightBasis, dual_sweeps, weight_similarity
+from hmir import compile_merge
+from hmir.harness import zoo
+from hmir.pipeline.data import Calibration
+from hmir.algorithms.dual import WeightBasis, dual_sweeps, weight_similarity
 from hmir.errors import MergeError
 from hmir.frontends import lower
-from hmir.matching import match_avg, match_permute
-from hmir.pairing import pair_spaces
+from hmir.algorithms.matching import match_avg, match_permute
+from hmir.ir.pairing import pair_spaces
 from hmir.passes.match import MatchOptions, match
 from hmir.passes.observe import observe
-from hmir.permute import permute_state, random_permutation
+from hmir.harness.permute import permute_state, random_permutation
 
 
 def _data(shape, n=3, seed=0):

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hmir import compile_merge, zoo
+from hmir import compile_merge
+from hmir.harness import zoo
 from hmir.errors import (CalibrationError, HMIRError, IncompatibleModelsError, MergeError,
                          TraceError, UnsupportedOpError)
 from hmir.frontends import lower, register_module, rules, unregister_module

@@ -9,12 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import randomized, rel_err, torchvision_model
-from hmir import zoo
+from hmir.harness import zoo
 from hmir.errors import VerificationError
 from hmir.frontends import lower
 from hmir.ir import Slice
-from hmir.permute import permute_state, random_permutation
-from hmir.verify import verify
+from hmir.harness.permute import permute_state, random_permutation
+from hmir.ir.verify import verify
 
 
 def assert_permutation_invariant(model: nn.Module, x: torch.Tensor, seed: int = 1):

@@ -1,4 +1,4 @@
-"""Tests of hmir.matching: avg / permute / zip matchers and the correlation helper."""
+"""Tests of hmir.algorithms.matching: avg / permute / zip matchers and the correlation helper."""
 from __future__ import annotations
 
 import random
@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from hmir.matching import (Match, MatchingError, correlation, match_avg, match_permute,
+from hmir.algorithms.matching import (Match, MatchingError, correlation, match_avg, match_permute,
                            match_zip, zip_reference)
 
 
@@ -197,7 +197,7 @@ def test_zip_restores_thread_count() -> None:
 def test_zip_torch_and_numpy_state_machines_agree() -> None:
     """match_zip runs :class:`NumpyZip` on the CPU and :class:`FastZip` (torch) elsewhere;
     both must make the same merges step by step, ties and spent budgets included."""
-    from hmir.zipping import FastZip, NumpyZip
+    from hmir.algorithms.zipping import FastZip, NumpyZip
 
     gen = torch.Generator().manual_seed(11)
     for case, (nA, nB) in enumerate([(3, 5), (17, 9), (40, 40), (64, 100)]):
@@ -222,9 +222,9 @@ def test_sampled_tie_break_approximates_the_full_one() -> None:
     import copy
 
     from hmir.frontends import lower
-    from hmir.permute import permute_state, random_permutation
-    from hmir.tiebreak import row_length, stacked_similarity
-    from hmir import zoo
+    from hmir.harness.permute import permute_state, random_permutation
+    from hmir.algorithms.tiebreak import row_length, stacked_similarity
+    from hmir.harness import zoo
 
     a = zoo.resnet20(width=2)
     ir = lower(a, torch.randn(2, 3, 32, 32))

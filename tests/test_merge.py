@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import assert_unchanged, randomized, rel_err, state_snapshot, torchvision_model
-from hmir import compile_merge, zoo
+from hmir import compile_merge
+from hmir.harness import zoo
 from hmir.frontends import lower
-from hmir.permute import permute_state, random_permutation
+from hmir.harness.permute import permute_state, random_permutation
 from test_lowering import GNNet
 
 

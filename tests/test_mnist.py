@@ -1,10 +1,10 @@
-"""Tests of hmir.mnist: the split, the class embeddings, training and evaluation."""
+"""Tests of hmir.harness.mnist: the split, the class embeddings, training and evaluation."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hmir import mnist, zoo
+from hmir.harness import mnist, zoo
 
 
 @pytest.fixture(scope="module")

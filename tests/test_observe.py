@@ -6,7 +6,8 @@ import torch
 
 import hmir.api as api
 from conftest import randomized
-from hmir import DepthOptions, compile_merge, zoo
+from hmir import DepthOptions, compile_merge
+from hmir.harness import zoo
 from hmir.passes.observe import SpaceStats, observe
 
 

@@ -1,4 +1,4 @@
-"""Tests of hmir.onnx_export: parity with torch, dynamic batch, no side effects, errors."""
+"""Tests of hmir.backend.onnx_export: parity with torch, dynamic batch, no side effects, errors."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +13,7 @@ import torch.nn as nn
 import torchvision
 
 from hmir.errors import ExportError, HMIRError
-from hmir.onnx_export import OnnxExport, export_onnx
+from hmir.backend.onnx_export import OnnxExport, export_onnx
 
 
 def _small_net(seed: int = 0) -> nn.Module:

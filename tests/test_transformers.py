@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 
 from conftest import randomized, rel_err
-from hmir import compile_merge, zoo
+from hmir import compile_merge
+from hmir.harness import zoo
 from hmir.errors import HMIRError, TraceError, UnsupportedOpError
 from hmir.frontends.export import lower as export_lower
-from hmir.permute import permute_state, random_permutation
+from hmir.harness.permute import permute_state, random_permutation
 
 transformers = pytest.importorskip("transformers")
 

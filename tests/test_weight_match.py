@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import randomized
-from hmir import zoo
+from hmir.harness import zoo
 from hmir.errors import MergeError
 from hmir.frontends import lower
-from hmir.interpolate import LambdaPath, interpolate, loss_along_lambda, plot, plot_paths
-from hmir.pairing import pair_spaces
+from hmir.algorithms.interpolate import LambdaPath, interpolate, loss_along_lambda, plot, plot_paths
+from hmir.ir.pairing import pair_spaces
 from hmir.passes.weight_match import align_state, weight_match
-from hmir.permute import permute_state, random_permutation
-from hmir.slicing import slice_index
+from hmir.harness.permute import permute_state, random_permutation
+from hmir.ir.slicing import slice_index
 from test_lowering import GNNet
 
 X_IMG, X_MLP = torch.zeros(2, 3, 32, 32), torch.zeros(2, 16)        # lowering examples only

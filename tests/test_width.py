@@ -9,12 +9,13 @@ import torch
 import torch.nn as nn
 
 from conftest import randomized, rel_err, torchvision_model
-from hmir import compile_merge, zoo
+from hmir import compile_merge
+from hmir.harness import zoo
 from hmir.backend import emit
 from hmir.errors import MergeError
 from hmir.frontends import lower
 from hmir.ir import MergeIR, Slice
-from hmir.slicing import slice_index
+from hmir.ir.slicing import slice_index
 
 
 def _data(shape, n=3, seed=0):

@@ -1,4 +1,4 @@
-"""Tests of hmir.zoo: shapes, structure, widths and torch.fx traceability."""
+"""Tests of hmir.harness.zoo: shapes, structure, widths and torch.fx traceability."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from hmir import zoo
+from hmir.harness import zoo
 
 # Keyword arguments that make every zoo entry accept (2, 3, 32, 32) inputs, kept small.
 _KW: dict[str, dict] = {

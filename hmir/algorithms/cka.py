@@ -183,7 +183,7 @@ def _reference_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
 def plot_cka(C, path, *, labels_a=None, labels_b=None, alignment=None, title="") -> Path:
     """Heatmap of ``C`` (A units as rows, B units as columns), aligned cells marked; a PNG.
 
-    ``alignment``: one :class:`~hmir.alignment.Alignment` of the whole matrix, or a list of
+    ``alignment``: one :class:`~hmir.algorithms.alignment.Alignment` of the whole matrix, or a list of
     ``(alignment, row_offset, col_offset)`` blocks (one per stage). Circles mark where the
     shallower model's units are placed, crosses the inserted units (and whose output they carry).
 

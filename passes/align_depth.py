@@ -24,7 +24,7 @@ Example::
 from __future__ import annotations
 
 from hmir.frontends.select import relower
-from hmir.pairing import pair_spaces
+from hmir.ir.pairing import pair_spaces
 from hmir.passes.depth import DepthOptions, check_stages, measured_stages, plan_from
 from hmir.passes.depth import depth as depth_pass
 from hmir.passes.insert import absent_spaces, inflate_stages

@@ -1,4 +1,4 @@
-"""The state machines behind :func:`hmir.matching.zip_reference` and :func:`hmir.matching.match_zip`.
+"""The state machines behind :func:`hmir.algorithms.matching.zip_reference` and :func:`hmir.algorithms.matching.match_zip`.
 
 Both zip the stacked features greedily (ZipIt): merge the most similar allowed pair of alive
 features (ties: the smallest ``(i, j)``), give the merged feature the similarity

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from hmir.ir import MergeIR, Slice
-from hmir.slicing import slice_index
+from hmir.ir.slicing import slice_index
 
 
 def random_permutation(ir: MergeIR, seed: int = 0) -> dict[int, torch.Tensor]:

@@ -46,12 +46,12 @@ class MergeReport:
 
         Example: ``result.report.plot_cka("cka.png")`` (seed Fig. 3); the aligned cells are marked.
         """
-        from hmir.cka import plot_cka
+        from hmir.algorithms.cka import plot_cka
 
         if self.depth is None or not self.depth.labels_a:
             raise HMIRError("this merge measured no CKA (no stage depths differ, or every differing "
                             "stage has a single alignment): hmir.depth_plan(a, b, data) measures "
-                            "every differing stage; plot its .cka with hmir.cka.plot_cka")
+                            "every differing stage; plot its .cka with hmir.algorithms.cka.plot_cka")
         return plot_cka(self.depth.cka, path, labels_a=self.depth.labels_a,
                         labels_b=self.depth.labels_b, alignment=_cka_blocks(self.depth),
                         title=title or " + ".join(self.models))

@@ -12,7 +12,7 @@ import torch
 
 from hmir.errors import VerificationError
 from hmir.ir import MergeIR
-from hmir.slicing import slice_index
+from hmir.ir.slicing import slice_index
 
 
 def verify(ir: MergeIR, state: dict[str, torch.Tensor] | None = None) -> None:

@@ -7,7 +7,7 @@ onnxruntime on two batch sizes, comparing every output with the torch module.
 Example::
 
     >>> import torch, torch.nn as nn
-    >>> from hmir.onnx_export import export_onnx
+    >>> from hmir.backend.onnx_export import export_onnx
     >>> res = export_onnx(nn.Linear(4, 2), torch.randn(2, 4), "/tmp/lin.onnx")
     >>> res.max_abs_diff <= 1e-4
     True

@@ -12,7 +12,7 @@ entries paired and inserts units among the rest.
 
 Example::
 
-    >>> from hmir import zoo
+    >>> from hmir.harness import zoo
     >>> from hmir.frontends import lower
     >>> stages = find_stages(lower(zoo.resnet20(), torch.randn(2, 3, 32, 32)))
     >>> [(s.kind, len(s.pieces)) for s in stages][:3]

@@ -126,6 +126,6 @@ class MergeIR:
         return [sl for s in self.spaces for sl in s.slices if sl.param == param]
 
     def __str__(self) -> str:
-        from hmir.printer import format_ir
+        from hmir.ir.printer import format_ir
 
         return format_ir(self)

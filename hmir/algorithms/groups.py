@@ -30,7 +30,7 @@ from scipy.optimize import linear_sum_assignment
 
 from hmir.errors import MergeError
 from hmir.ir import Space
-from hmir.matching import Match, _build, match_zip
+from hmir.algorithms.matching import Match, _build, match_zip
 
 __all__ = ["group_scores", "assign_groups", "match_groups_rect"]
 

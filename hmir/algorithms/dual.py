@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from hmir.errors import MergeError
 from hmir.ir import MergeIR, Slice, Space
-from hmir.matching import Match
-from hmir.slicing import apply_units, slice_extent, slice_index
+from hmir.algorithms.matching import Match
+from hmir.ir.slicing import apply_units, expand_grouped, slice_extent, slice_index
 
 __all__ = ["check_similarity_alpha", "WeightBasis", "weight_similarity", "dual_sweeps", "Sweeps"]
 
@@ -112,10 +112,9 @@ class WeightBasis:
         own = self.slices[side][sl.param]
         grouped = [x for x in own if x.grouped]
         if grouped:
-            from hmir.passes.fuse import _expand_grouped
 
             g = self.irs[side].space(grouped[0].space)
-            t = _expand_grouped(t, grouped[0], g.n, g.group_size)
+            t = expand_grouped(t, grouped[0], g.n, g.group_size)
         for dim in sorted({x.dim for x in own} - {sl.dim}):
             t = self._map_dim(side, t, [x for x in own if x.dim == dim])
         idx = slice_index(sl, n).permute(1, 0, 2).reshape(-1).to(t.device)

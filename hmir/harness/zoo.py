@@ -6,7 +6,7 @@ written as ``+``, so ``torch.fx.symbolic_trace`` traces each of them as is.
 Example::
 
     >>> import torch
-    >>> from hmir.zoo import build
+    >>> from hmir.harness.zoo import build
     >>> build("resnet20", width=2)(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])
 """

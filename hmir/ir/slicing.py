@@ -114,3 +114,20 @@ def apply_map(t: torch.Tensor, sl: Slice, n: int, um: UnitMap) -> torch.Tensor:
         more = part.index_select(ax, u).mul_(_along(w, ax, part.dim(), part.dtype))
         out.index_add_(ax, g, more)
     return out.reshape(shape[:d] + [sl.outer * um.r * sl.inner] + shape[d + 1:])
+
+
+def expand_grouped(t: torch.Tensor, sl: Slice, n_in: int, k_in: int) -> torch.Tensor:
+    """(out, k_in, ...) grouped weight → dense (out, n_in, ...) block-diagonal weight."""
+    rows = t.shape[0]
+    k_out = rows // (n_in // k_in)
+    dense = t.new_zeros((rows, n_in) + tuple(t.shape[2:]))
+    for g in range(n_in // k_in):
+        dense[g * k_out:(g + 1) * k_out, g * k_in:(g + 1) * k_in] = t[g * k_out:(g + 1) * k_out]
+    return dense
+
+
+def compress_grouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    rows, n_in = dense.shape[:2]
+    k_out, k_in = rows // groups, n_in // groups
+    parts = [dense[g * k_out:(g + 1) * k_out, g * k_in:(g + 1) * k_in] for g in range(groups)]
+    return torch.cat(parts, 0)

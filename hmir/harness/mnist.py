@@ -7,7 +7,7 @@ model can be scored on all 10 classes.
 
 Example::
 
-    >>> from hmir.mnist import load_mnist5k, task_split, class_embeddings
+    >>> from hmir.harness.mnist import load_mnist5k, task_split, class_embeddings
     >>> split = load_mnist5k()
     >>> task_a, task_b = task_split(0)
     >>> E = class_embeddings(32)
@@ -188,7 +188,7 @@ def train_embedding_model(model: nn.Module, split: MNISTSplit, classes: Iterable
 
     Example::
 
-        >>> from hmir.zoo import mnist_cnn
+        >>> from hmir.harness.zoo import mnist_cnn
         >>> s, E = load_mnist5k(), class_embeddings(32)
         >>> m = train_embedding_model(mnist_cnn(num_outputs=32), s, (0, 1), E, epochs=1)
         >>> m.training
@@ -249,7 +249,7 @@ def evaluate(model: nn.Module, split: MNISTSplit, E: torch.Tensor, task_a: Seque
 
     Example::
 
-        >>> from hmir.zoo import mnist_cnn
+        >>> from hmir.harness.zoo import mnist_cnn
         >>> s, E = load_mnist5k(), class_embeddings(32)
         >>> r = evaluate(mnist_cnn(num_outputs=32), s, E, *task_split(0))
         >>> sorted(r)

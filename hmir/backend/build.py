@@ -2,7 +2,7 @@
 
 With ``widths`` (space id → new width) the emitted module is A's graph at new layer
 widths: every called module whose tensors change shape is resized by its rule in
-:data:`hmir.resize.RESIZE_RULES`, and the literal sizes of reshape/view nodes at feature
+:data:`hmir.backend.resize.RESIZE_RULES`, and the literal sizes of reshape/view nodes at feature
 dims are rewritten to the new extents.
 
 Example::
@@ -22,7 +22,7 @@ import torch.nn as nn
 from hmir.errors import MergeError
 from hmir.frontends.diagnostics import node_error
 from hmir.ir import MergeIR
-from hmir.resize import RESIZE_RULES, axis_extent, new_widths, resized_ir, set_tensors
+from hmir.backend.resize import RESIZE_RULES, axis_extent, new_widths, resized_ir, set_tensors
 
 _SIZE_KWARGS = ("shape", "size")
 
@@ -45,7 +45,7 @@ def emit(ir: MergeIR, state: dict[str, torch.Tensor],
             raise MergeError(f"{ir.name}: merged tensors changed shape ({shapes}); pass "
                              f"widths={{space id: width}} to emit a model with resized layers")
     else:
-        from hmir.verify import verify
+        from hmir.ir.verify import verify
 
         verify(resized_ir(ir, widths), state)
         width = new_widths(ir, widths)
@@ -103,8 +103,8 @@ def _apply_rule(ir: MergeIR, path: str, module: nn.Module, new: dict[str, torch.
     where = f"{ir.name}: module '{path}' ({type(module).__qualname__}) changes shape: {diff}"
     if rule is None:
         raise MergeError(f"{where}\n  what to do: register a resize rule for its type: "
-                         f"hmir.resize.register_resize({type(module).__qualname__}, fn) with "
-                         f"fn(module, new_tensors) replacing its tensors (hmir.resize.set_tensors) "
+                         f"hmir.backend.resize.register_resize({type(module).__qualname__}, fn) with "
+                         f"fn(module, new_tensors) replacing its tensors (hmir.backend.resize.set_tensors) "
                          f"and updating the attributes its forward() reads")
     try:
         rule(module, new)

@@ -13,9 +13,19 @@ Example::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from hmir.errors import IncompatibleModelsError
-from hmir.ir import MergeIR, Space
-from hmir.passes.observe import SpacePair
+from hmir.ir.core import MergeIR, ObsPoint, Space
+
+
+@dataclass(frozen=True)
+class SpacePair:
+    """Corresponding spaces of A and B with their paired observation points."""
+
+    a: int
+    b: int
+    points: tuple[tuple[ObsPoint, ObsPoint], ...]
 
 
 def _signature(s: Space) -> tuple:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from hmir.ir import MergeIR, Space
-from hmir.slicing import slice_index
+from hmir.ir.slicing import slice_index
 
 __all__ = ["producer_rows", "row_length", "similarity", "stacked_similarity"]
 

@@ -22,7 +22,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from hmir.errors import MergeError
-from hmir.zipping import FastZip, NumpyZip, ZipState
+from hmir.algorithms.zipping import FastZip, NumpyZip, ZipState
 
 __all__ = ["Match", "MatchingError", "correlation", "correlation_rows", "match_avg", "match_keep", "match_permute",
            "match_zip", "zip_reference"]
@@ -230,8 +230,8 @@ def match_zip(corr: torch.Tensor, nA: int, nB: int, r: int | None = None, *,
     Merges the most similar allowed alive pair (ties: smallest (i, j)); a merged feature's
     similarity to k becomes ``alpha * min(S[i,k], S[j,k])``; model m may merge within
     itself at most ``floor(beta * n_m)`` times. Caches each row's best partner and
-    recomputes only the rows a merge affects (:class:`hmir.zipping.FastZip`; on CPU its numpy
-    twin :class:`hmir.zipping.NumpyZip`, whose small per-step operations cost less).
+    recomputes only the rows a merge affects (:class:`hmir.algorithms.zipping.FastZip`; on CPU its numpy
+    twin :class:`hmir.algorithms.zipping.NumpyZip`, whose small per-step operations cost less).
 
     Example::
 
