@@ -36,22 +36,13 @@ CONFIGS = {  # name: (a, b, batches, batch, size, compile_merge kwargs)
 def record(name: str) -> dict:
     """Groups per space and the merged state dict of one configuration."""
     import hmir
-    import hmir.api
 
-    captured, match = [], hmir.api.match
-
-    def spy(*args, **kwargs):
-        out = match(*args, **kwargs)
-        captured.extend(m.groups for m in out[0])
-        return out
-
-    hmir.api.match = spy
     a, b, nb, bs, size, kw = CONFIGS[name]
     ma, mb = build(a, 0).eval(), build(b, 1).eval()
     t0 = time.perf_counter()
     res = hmir.compile_merge(ma, mb, Batches(nb, bs, size, 0, "cpu"), progress=False, **kw)
     secs = time.perf_counter() - t0
-    hmir.api.match = match
+    captured = [m.groups for m in res.state.matches]
     groups = {s.name: (s.width_a, s.width_b, s.width) for s in res.report.spaces}
     return {"spaces": groups, "groups": captured, "scores": [s.similarity for s in res.report.spaces],
             "notes": list(res.report.notes), "secs": secs,

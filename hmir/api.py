@@ -1,60 +1,74 @@
-"""The public entry point: ``compile_merge(a, b, data) -> MergeResult``.
+"""The public entry point: ``compile_merge(a, b, data) -> MergeResult``, and the pipeline behind it.
+
+``compile_merge`` checks the options against the chosen method (:mod:`hmir.pipeline.methods`),
+builds a :class:`~hmir.pipeline.state.MergeState` and runs the method's passes with the pass
+manager (:func:`~hmir.pipeline.manager.run_passes`). :func:`run_pipeline` does the same and
+returns the state, for custom pipelines or to stop after a pass.
 
 Example::
 
-    >>> from hmir import compile_merge
-    >>> from hmir.harness.zoo import resnet20
-    >>> a, b = resnet20(), resnet20()
-    >>> batches = [torch.randn(16, 3, 32, 32) for _ in range(4)]
+    >>> import torch
+    >>> from hmir import compile_merge, run_pipeline
+    >>> from hmir.harness import zoo
+    >>> a, b = zoo.resnet20(), zoo.resnet20()
+    >>> batches = [torch.randn(16, 3, 32, 32) for _ in range(2)]
     >>> result = compile_merge(a, b, batches, method="zip", progress=False)
     >>> result.module(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])
-    >>> result.to_onnx("merged.onnx").max_abs_diff < 1e-4                  # doctest: +SKIP
-    True
+    >>> state = run_pipeline(a, b, batches, stop_after="match", progress=False)
+    >>> state.module is None, len(state.matches) == len(state.pairs)
+    (True, True)
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from hmir.backend import emit
-from hmir.pipeline.data import Calibration
-from hmir.algorithms.dual import check_similarity_alpha
-from hmir.errors import CalibrationError, IncompatibleModelsError, MergeError
-from hmir.ir.modes import eval_mode
-from hmir.frontends.select import check_frontend, lower_pair
-from hmir.algorithms.interpolate import interpolate
+import hmir.passes.align_depth  # noqa: F401  (each pass module registers its pass)
+import hmir.passes.emit  # noqa: F401
+import hmir.passes.fuse  # noqa: F401
+import hmir.passes.interpolate  # noqa: F401
+import hmir.passes.lower  # noqa: F401
+import hmir.passes.match  # noqa: F401
+import hmir.passes.observe  # noqa: F401
+import hmir.passes.pair  # noqa: F401
+import hmir.passes.repair  # noqa: F401
+import hmir.passes.structure  # noqa: F401
+import hmir.passes.weight_match  # noqa: F401
+from hmir.errors import MergeError
+from hmir.frontends.select import lower_pair
 from hmir.ir import MergeIR
-from hmir.ir.pairing import pair_spaces, param_map
-from hmir.passes.fuse import fuse
-from hmir.passes.align_depth import align_and_inflate
 from hmir.passes.depth import DepthOptions
 from hmir.passes.depth import depth as depth_pass
-from hmir.passes.match import METHODS, MatchOptions, absent_pair, match
-from hmir.passes.observe import observe
-from hmir.passes.repair import has_norms
-from hmir.passes.repair import repair as repair_module
-from hmir.passes.weight_match import align_state, weight_match
-from hmir.pipeline.report import MergeReport, SpaceReport
-from hmir.ir.verify import verify
+from hmir.passes.lower import LowerOptions
+from hmir.passes.match import MatchOptions
+from hmir.passes.repair import RepairOptions
+from hmir.pipeline.data import Calibration
+from hmir.pipeline.manager import run_passes
+from hmir.pipeline.methods import get_method, resolve
+from hmir.pipeline.report import MergeReport
+from hmir.pipeline.state import MergeState
 
 log = logging.getLogger(__name__)
+MATCH_KEYS = ("alpha", "beta", "similarity_alpha")
 
 
 @dataclass
 class MergeResult:
-    """The merged model, its IRs and the report."""
+    """The merged model, its IRs, the report and the final merge state."""
 
     module: fx.GraphModule
     report: MergeReport
     ir_a: MergeIR
     ir_b: MergeIR
     example: torch.Tensor
+    state: MergeState | None = None
 
     def to_onnx(self, path: str | Path, *, example: torch.Tensor | None = None, atol: float = 1e-4):
         """Export the merged module to ONNX with a dynamic batch; checks parity with onnxruntime."""
@@ -63,160 +77,84 @@ class MergeResult:
         return export_onnx(self.module, self.example if example is None else example, path, atol=atol)
 
 
-def _probe(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    p = next(model.parameters(), None)
-    if p is not None:
-        x = x.to(device=p.device, dtype=p.dtype if x.is_floating_point() else x.dtype)
-    try:
-        with eval_mode(model):
-            return model(x)
-    except Exception as e:
-        raise CalibrationError(f"calibration batch 0 of shape {tuple(x.shape)} could not be run by "
-                               f"{name} ({type(model).__name__}): {e}") from e
-
-
-def _check_io(a, b, x, names) -> None:
-    ya, yb = _probe(a, x, names[0]), _probe(b, x, names[1])
-    sa = tuple(ya.shape) if isinstance(ya, torch.Tensor) else type(ya).__name__
-    sb = tuple(yb.shape) if isinstance(yb, torch.Tensor) else type(yb).__name__
-    if sa != sb:
-        raise IncompatibleModelsError(
-            f"{names[0]} and {names[1]} give outputs of different shapes on the same input "
-            f"{tuple(x.shape)}: {sa} vs {sb}; merged models must share input and output spaces")
-
-
 def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", depth="lma",
-                  width="max", alpha: float = 0.5, beta: float = 0.5,
-                  similarity_alpha: float | None = None, lam: float = 0.5, layers=None,
-                  repair: bool = True, max_batches: int | None = None, progress: bool = True,
-                  names: tuple[str, str] = ("model a", "model b"),
-                  frontend: str = "auto") -> MergeResult:
+                  width=None, repair: bool = True, max_batches: int | None = None,
+                  progress: bool = True, names: tuple[str, str] = ("model a", "model b"),
+                  frontend: str = "auto", verify: bool | None = None, **params) -> MergeResult:
     """Merge two trained models, of equal or different depth, into one, without training.
 
     ``data`` is any iterable of batches (tensors or (input, target) tuples, e.g. a
     DataLoader); it calibrates the feature statistics and, where the merged model has
     BatchNorms, resets their statistics (``repair=False`` switches that off).
-    ``method``: ``"avg"`` (plain averaging), ``"permute"`` (Hungarian on correlation) or
-    ``"zip"`` (ZipIt-style greedy zipping with ``alpha``, ``beta``). ``depth``: how stages
-    of different depth are aligned, ``"lma"``, ``"sma"`` or ``"uniform"``; the shallower
-    model is inflated with zero blocks / identity layers first; a
-    :class:`~hmir.passes.depth.DepthOptions` instead of the name also sets which stages' CKA is
-    measured (``cka="all"`` for a heatmap of stages whose alignment is forced). Neither ``a`` nor ``b`` is
-    modified. ``width``: the merged width of spaces whose widths differ (elastic zip):
-    ``"max"``, ``"min"``, an int, a ratio of the larger width, or a per-space dict
-    (see :func:`hmir.passes.match.target_width`). ``similarity_alpha``: None (default) matches
-    on activation correlation; a number α in [0, 1] matches on the dual-space (MuDSC)
-    similarity α·activation + (1−α)·weight (see :mod:`hmir.algorithms.dual`) — not ZipIt's ``alpha``,
-    which is the decay of merged features' similarity. ``method="mal"``: Model Assembly
-    Learning, the zero-padded generalised permutation of B onto A by weight matching, then
-    ``(1−λ)·W_A + λ·P(W_B)`` with ``lam`` for the tensors under the module prefixes
-    ``layers`` (all when None); the result keeps A's architecture (widths included) and
-    needs no activations except for ``repair``. The merged module lives on ``a``'s device
-    and dtype. ``frontend``: ``"auto"`` lowers with torch.fx.symbolic_trace and falls back
-    to torch.export when either model fails to trace (Hugging Face transformers), ``"fx"``
-    or ``"export"`` forces one; the report names the one used.
+    ``method`` is a registered merge method (:func:`hmir.pipeline.methods.get_method`):
+    ``"avg"`` (plain averaging), ``"permute"`` (Hungarian on correlation), ``"zip"`` (ZipIt-style
+    greedy zipping, elastic) or ``"mal"`` (Model Assembly Learning: zero-padded weight matching of
+    B onto A, then ``(1−λ)·W_A + λ·P(W_B)`` in A's architecture). Its parameters come as
+    keywords (``**params``) and are checked against the method: ``alpha``/``beta`` (zip: decay
+    and within-model budget), ``similarity_alpha`` (permute, zip: None matches on activation
+    correlation, α in [0, 1] on the MuDSC dual-space similarity α·activation + (1−α)·weight),
+    ``lam``/``layers`` (mal). An option the method does not use is an error naming the methods
+    that do. ``depth``: how stages of different depth are aligned, ``"lma"``, ``"sma"`` or
+    ``"uniform"``, or a :class:`~hmir.passes.depth.DepthOptions`; the shallower model is
+    inflated with zero blocks / identity layers first. ``width``: the merged width of spaces
+    whose widths differ (elastic methods): ``"max"`` (default), ``"min"``, an int, a ratio of the
+    larger width, or a per-space dict (:func:`hmir.passes.match.target_width`). ``frontend``:
+    ``"auto"`` (torch.fx, then torch.export when tracing fails), ``"fx"`` or ``"export"``.
+    ``verify``: check the IR invariants after every pass (default: the ``HMIR_VERIFY``
+    environment variable, set in the test suite). Neither ``a`` nor ``b`` is modified; the merged
+    module lives on ``a``'s device and dtype.
     """
-    _check_merge_method(method, similarity_alpha, lam)
-    check_frontend(frontend)
-    depth_opts = depth if isinstance(depth, DepthOptions) else DepthOptions(depth)
-    calib = Calibration(data, max_batches=max_batches)
-    x = calib.example()
-    opts = {"alpha": alpha, "beta": beta} if method == "zip" else {}
-    if method == "mal":
-        opts = {"lam": lam, "layers": layers}
-    if similarity_alpha is not None:
-        opts["similarity_alpha"] = similarity_alpha
-    report = MergeReport(names, (frontend, frontend), method, {**opts, "depth": depth_opts.method, "width": width})
-    _check_io(a, b, x, names)
-    with report.timed("trace"):
-        ir_a, ir_b, used, fe_notes = lower_pair(a, b, x, names, frontend)
-    report.frontends, report.notes = (used, used), report.notes + fe_notes
-    known = {}
-    try:
-        pairs = pair_spaces(ir_a, ir_b)
-    except IncompatibleModelsError as err:
-        opts_d = depth_opts if method != "mal" else DepthOptions(depth_opts.method, depth_opts.cka,
-                                                                 fuse_observe=False)
-        ir_a, ir_b, plan, known = align_and_inflate(ir_a, ir_b, calib, x, opts_d, report,
-                                                    progress, err)
-        report.depth = plan
-        pairs = pair_spaces(ir_a, ir_b)
-    if method == "mal":
-        module = _merge_mal(ir_a, ir_b, pairs, lam, layers, report)
-    else:
-        module = _merge(ir_a, ir_b, pairs, calib, MatchOptions(
-            method, alpha, beta, width=width, similarity_alpha=similarity_alpha), report, progress,
-            known)
-    norms = has_norms(module)
-    if repair and norms:
-        with report.timed("repair"):
-            n = repair_module(module, calib, progress=progress)
-        report.notes.append(f"repair: reset the running statistics of {n} norm layers")
-    elif norms:
-        report.notes.append("repair: off (norm statistics are the merged parents' averages)")
+    state = run_pipeline(a, b, data, method=method, depth=depth, width=width, repair=repair,
+                         max_batches=max_batches, progress=progress, names=names,
+                         frontend=frontend, verify=verify, **params)
     log.info("merged %s and %s with %s", *names, method)
-    return MergeResult(module, report, ir_a, ir_b, x)
+    return MergeResult(state.module, state.report, *state.irs, state.example, state)
 
 
-def _check_merge_method(method: str, similarity_alpha, lam: float) -> None:
-    """Matching methods (:data:`hmir.passes.match.METHODS`) or ``"mal"`` (weight matching)."""
-    if method not in METHODS and method != "mal":
-        raise MergeError(f"unknown merge method {method!r}; valid methods: "
-                         f"{sorted([*METHODS, 'mal'])}")
-    if method != "mal":
-        check_similarity_alpha(similarity_alpha, method)
-        return
-    if similarity_alpha is not None:
-        raise MergeError("similarity_alpha has no effect with method='mal' (it matches weights "
-                         "only): use method='permute' or 'zip' for dual-space similarity")
-    if not 0 <= float(lam) <= 1:
-        raise MergeError(f"lam must be in [0, 1] (the share of aligned B), got {lam!r}")
+def run_pipeline(a: nn.Module, b: nn.Module, data, *, method: str = "zip", depth="lma",
+                 width=None, repair: bool = True, max_batches: int | None = None,
+                 progress: bool = True, names: tuple[str, str] = ("model a", "model b"),
+                 frontend: str = "auto", verify: bool | None = None,
+                 passes: list[str] | None = None, stop_after: str | None = None,
+                 **params) -> MergeState:
+    """The merge state after running ``passes`` (default: the method's pipeline) up to
+    ``stop_after``; the options are :func:`compile_merge`'s. ``hmir.list_passes()`` names the
+    registered passes."""
+    state = prepare(a, b, data, method=method, depth=depth, width=width, repair=repair,
+                    max_batches=max_batches, progress=progress, names=names, frontend=frontend,
+                    **params)
+    if verify is None:
+        verify = os.environ.get("HMIR_VERIFY", "") not in ("", "0")
+    return run_passes(state, list(passes or state.method.passes), verify=verify,
+                      stop_after=stop_after)
 
 
-def _merge_mal(ir_a, ir_b, pairs, lam, layers, report) -> fx.GraphModule:
-    """weight_match → align_state → interpolate → emit, in A's architecture."""
-    state_a, state_b = ir_a.graph_module.state_dict(), ir_b.graph_module.state_dict()
-    names = param_map(ir_a, ir_b, pairs)
-    with report.timed("match"):
-        wm = weight_match(ir_a, ir_b, pairs, state_a, state_b, names=names)
-    report.notes += wm.notes + [f"mal: weight matching objective {wm.history[0]:.4g} → "
-                                f"{wm.objective:.4g} in {wm.sweeps} sweep(s)"]
-    with report.timed("fuse"):
-        aligned = align_state(ir_a, ir_b, state_b, wm, names=names, state_a=state_a)
-        state = interpolate(state_a, aligned, lam, layers=layers)
-        verify(ir_a, state)
-    with report.timed("emit"):
-        module = emit(ir_a, state, None)
-    for p in pairs:
-        sa, sb = ir_a.space(p.a), ir_b.space(p.b)
-        report.spaces.append(SpaceReport(sa.name, sa.n, sb.n, sa.n, float("nan"), sa.fixed))
-    return module
-
-
-def _merge(ir_a, ir_b, pairs, calib, opts, report, progress, known=None) -> fx.GraphModule:
-    """observe → match → fuse → emit for two IRs of one structure (``known``: statistics of
-    pairs observed already, by the depth pass's forward)."""
-    stats = dict(known or {})
-    todo = [p for p in pairs if p.points and absent_pair(ir_a, ir_b, p) is None and p not in stats]
-    if todo:
-        with report.timed("observe"):
-            stats.update(zip(todo, observe(ir_a, ir_b, todo, calib, progress=progress)))
-    state_a, state_b = ir_a.graph_module.state_dict(), ir_b.graph_module.state_dict()
-    with report.timed("match"):
-        matches, notes = match(ir_a, ir_b, pairs, [stats.get(p) for p in pairs], opts,
-                               state_a, state_b)
-    report.notes += notes
-    widths = {p.a: m.r for p, m in zip(pairs, matches) if m.r != ir_a.space(p.a).n}
-    with report.timed("fuse"):
-        state = fuse(ir_a, ir_b, pairs, matches, state_a, state_b, param_map(ir_a, ir_b, pairs))
-        if not widths:
-            verify(ir_a, state)             # the merged tensors still fit the IR exactly
-    with report.timed("emit"):
-        module = emit(ir_a, state, widths or None)     # with widths, emit verifies them first
-    for p, m in zip(pairs, matches):
-        sa, sb = ir_a.space(p.a), ir_b.space(p.b)
-        report.spaces.append(SpaceReport(sa.name, sa.n, sb.n, m.r, m.score, sa.fixed))
-    return module
+def prepare(a, b, data, *, method="zip", depth="lma", width=None, repair=True, max_batches=None,
+            progress=True, names=("model a", "model b"), frontend="auto", **params) -> MergeState:
+    """The initial merge state: the method and its parameters checked, every pass's options."""
+    m = get_method(method)
+    params = resolve(method, params)
+    if width is not None and "match" not in m.passes:
+        raise MergeError(f"width has no effect with method={method!r} (it keeps A's widths); "
+                         f"elastic widths need an elastic method, e.g. method='zip'")
+    depth_opts = depth if isinstance(depth, DepthOptions) else DepthOptions(depth)
+    if not m.needs_activations:         # nothing to observe: no point fusing it with the CKA forward
+        depth_opts = replace(depth_opts, fuse_observe=False)
+    options = {"lower": LowerOptions(frontend), "align_depth": depth_opts,
+               "repair": RepairOptions(repair)}
+    if "match" in m.passes:
+        options["match"] = MatchOptions(
+            method, params.get("alpha", 0.5), params.get("beta", 0.5), width=width or "max",
+            similarity_alpha=params.get("similarity_alpha"),
+            params={k: v for k, v in params.items() if k not in MATCH_KEYS})
+    calib = Calibration(data, max_batches=max_batches)
+    shown = {k: v for k, v in params.items() if not (k == "similarity_alpha" and v is None)}
+    shown["depth"] = depth_opts.method
+    if "match" in m.passes:
+        shown["width"] = width or "max"
+    report = MergeReport(names, (frontend, frontend), method, shown)
+    return MergeState(models=(a, b), names=names, calib=calib, example=calib.example(), method=m,
+                      params=params, options=options, report=report, progress=progress)
 
 
 def depth_plan(a: nn.Module, b: nn.Module, data, *, depth: str = "lma", progress: bool = True,
@@ -229,10 +167,15 @@ def depth_plan(a: nn.Module, b: nn.Module, data, *, depth: str = "lma", progress
 
     Example::
 
-        >>> plan = depth_plan(zoo.resnet20(), zoo.resnet26(), batches, progress=False)
-        >>> plan.alignments[0].positions, plan.alignments[0].deeper
-        ((0, 2, 3, 4), 'b')
-        >>> inflate(a, plan, "a", batches[0]).module      # as deep as b, same function as a
+        >>> import torch
+        >>> from hmir import depth_plan, inflate
+        >>> from hmir.harness import zoo
+        >>> batches = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+        >>> a, b = zoo.resnet20(), zoo.resnet26()
+        >>> plan = depth_plan(a, b, batches, progress=False)
+        >>> len(plan.alignments[1].positions), plan.alignments[1].deeper
+        (3, 'b')
+        >>> deep = inflate(a, plan, "a", batches[0]).module      # as deep as b, same function as a
     """
     calib = Calibration(data)
     x = calib.example()

@@ -1,8 +1,8 @@
-"""Depth-heterogeneous merging: align the stages, inflate the shallower model, and (where it
-can) take the observe statistics from the CKA forward.
+"""align_depth: align the stages, inflate the shallower model, and (where it can) take the
+observe statistics from the CKA forward.
 
-:func:`align_and_inflate` is what compile_merge runs when the two models' structures differ
-only in depth. Without stages that need CKA, the alignment costs no forward at all. With
+The pass runs when the ``structure`` pass found models whose stages differ only in depth
+(:func:`align_and_inflate` does the work). Without stages that need CKA, the alignment costs no forward at all. With
 them, the plain way runs the models twice (CKA, then statistics of the inflated models);
 the fused way (:mod:`hmir.passes.observe_depth`, on by default) runs the originals once:
 
@@ -18,17 +18,32 @@ identity layer before a non-idempotent activation) or the graphs do not line up.
 
 Example::
 
-    >>> ir_a, ir_b, plan, stats = align_and_inflate(ir_a, ir_b, calib, x, DepthOptions(),
-    ...                                             report, progress=False)   # doctest: +SKIP
+    >>> import torch
+    >>> from hmir.harness import zoo
+    >>> from hmir.frontends import lower
+    >>> from hmir.pipeline.data import Calibration
+    >>> from hmir.pipeline.report import MergeReport
+    >>> from hmir.passes.depth import check_stages
+    >>> calib = Calibration([torch.randn(8, 3, 32, 32) for _ in range(2)])
+    >>> x = calib.example()
+    >>> ir_a, ir_b = lower(zoo.resnet20(), x, "a"), lower(zoo.resnet26(), x, "b")
+    >>> report = MergeReport(("a", "b"), ("fx", "fx"), "zip")
+    >>> d = align_and_inflate(ir_a, ir_b, calib, x, DepthOptions(), report, False,
+    ...                       check_stages(ir_a, ir_b))
+    >>> len(d.irs[0].spaces) == len(d.irs[1].spaces), d.plan.heterogeneous, len(d.absent[0]) > 0
+    (True, True, True)
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from hmir.frontends.select import relower
+from hmir.pipeline.manager import Out, Pass, register_pass
 from hmir.ir.pairing import pair_spaces
-from hmir.passes.depth import DepthOptions, check_stages, measured_stages, plan_from
+from hmir.passes.depth import DepthOptions, measured_stages, plan_from
 from hmir.passes.depth import depth as depth_pass
 from hmir.passes.insert import absent_spaces, inflate_stages
-from hmir.passes.match import absent_pair
+from hmir.ir.pairing import absent_pair
 from hmir.passes.observe_depth import (assemble, candidates, carried_exactly, joint_forward,
                                        original_names, pair_keys)
 
@@ -36,15 +51,28 @@ from hmir.passes.observe_depth import (assemble, candidates, carried_exactly, jo
 MAX_EXTRA = 4       # fused only while the cross blocks to collect are <= 4x those one alignment needs
 
 
+class Aligned(NamedTuple):
+    """What :func:`align_and_inflate` found: the inflated IRs, the plan, per model the ids of its
+    absent spaces (inserted zero blocks' inner features) and the statistics of the pairs
+    already observed (possibly none)."""
+
+    irs: tuple
+    plan: object
+    absent: tuple[frozenset, frozenset]
+    stats: dict
+
+
 def _inflate(ir_a, ir_b, stages, plan, x, report, final: bool):
-    """Both models inflated for ``plan``: (IRs, Inflations or None where nothing was inserted)."""
-    irs, infls = [], []
+    """Both models inflated for ``plan``: (IRs, Inflations or None where nothing was inserted,
+    absent space ids per model)."""
+    irs, infls, absent = [], [], []
     for side, ir, other, st, ost in (("a", ir_a, ir_b, *stages), ("b", ir_b, ir_a, *stages[::-1])):
         with report.timed("insert"):
             infl = inflate_stages(ir.graph_module, st, ost, other.graph_module, plan.alignments, side, x)
         if not infl.inserted:
             irs.append(ir)                         # nowhere the shallower model: unchanged
             infls.append(None)
+            absent.append(frozenset())
             continue
         if final:
             report.notes += [f"insert ({ir.name}): {s}" for s in infl.inserted]
@@ -52,10 +80,10 @@ def _inflate(ir_a, ir_b, stages, plan, x, report, final: bool):
                                 f"by {infl.deviation:.2e} (relative max)")
         with report.timed("trace"):
             new = relower(ir, infl.module, x)
-        new.meta["absent"] = absent_spaces(new, infl.zero_params)
         irs.append(new)
         infls.append(infl)
-    return irs, infls
+        absent.append(frozenset(absent_spaces(new, infl.zero_params)))
+    return irs, infls, tuple(absent)
 
 
 def _names(irs, infls):
@@ -66,12 +94,10 @@ def _names(irs, infls):
     return None if None in names else names
 
 
-def align_and_inflate(ir_a, ir_b, calib, x, opts: DepthOptions, report, progress: bool, err):
-    """Depth-align and inflate both models: ``(ir_a, ir_b, plan, stats)``, where ``stats`` maps
-    the pairs of spaces whose statistics were collected already (possibly none)."""
-    stages = check_stages(ir_a, ir_b)
-    if all(len(sa.pieces) == len(sb.pieces) for sa, sb in zip(*stages)):
-        raise err                                  # same depth: the structures really differ
+def align_and_inflate(ir_a, ir_b, calib, x, opts: DepthOptions, report, progress: bool,
+                      stages) -> Aligned:
+    """Depth-align and inflate both models (``stages``: both models' stages, which differ in
+    depth; :func:`hmir.passes.depth.check_stages`)."""
     measure = measured_stages(*stages, opts)
     if measure and opts.fuse_observe:
         fused = _fused(ir_a, ir_b, calib, x, opts, report, progress, stages, measure)
@@ -83,14 +109,14 @@ def align_and_inflate(ir_a, ir_b, calib, x, opts: DepthOptions, report, progress
     with report.timed("depth"):
         plan = depth_pass(ir_a, ir_b, calib, opts, progress=progress, stages=stages)
     report.notes += plan.summary()
-    irs, _ = _inflate(ir_a, ir_b, stages, plan, x, report, final=True)
-    return irs[0], irs[1], plan, {}
+    irs, _, absent = _inflate(ir_a, ir_b, stages, plan, x, report, final=True)
+    return Aligned(tuple(irs), plan, absent, {})
 
 
 def _fused(ir_a, ir_b, calib, x, opts, report, progress, stages, measure):
     graphs = (ir_a.graph_module, ir_b.graph_module)
     provisional = plan_from(*stages, graphs, opts, measure, None)
-    irs, infls = _inflate(ir_a, ir_b, stages, provisional, x, report, final=False)
+    irs, infls, absent = _inflate(ir_a, ir_b, stages, provisional, x, report, final=False)
     names = _names(irs, infls)
     if names is None:
         return None
@@ -98,7 +124,7 @@ def _fused(ir_a, ir_b, calib, x, opts, report, progress, stages, measure):
         pairs = pair_spaces(*irs)
         needed = set()
         for p in pairs:
-            if p.points and absent_pair(*irs, p) is None:
+            if p.points and absent_pair(p, absent) is None:
                 needed.update(pair_keys(p, *irs, names) or ())
         cross = candidates(ir_a, ir_b, *stages, measure) | needed
         if len(cross) > MAX_EXTRA * len(needed):
@@ -114,20 +140,20 @@ def _fused(ir_a, ir_b, calib, x, opts, report, progress, stages, measure):
     report.notes += plan.summary()
     if [al and al.positions for al in plan.alignments] != \
             [al and al.positions for al in provisional.alignments]:
-        irs, infls = _inflate(ir_a, ir_b, stages, plan, x, report, final=True)
+        irs, infls, absent = _inflate(ir_a, ir_b, stages, plan, x, report, final=True)
         names = _names(irs, infls)
     else:
         _note_insertions(irs, infls, report)
     stats = {}
     for p in (pair_spaces(*irs) if names is not None else ()):
-        keys_p = pair_keys(p, *irs, names) if p.points and absent_pair(*irs, p) is None else None
+        keys_p = pair_keys(p, *irs, names) if p.points and absent_pair(p, absent) is None else None
         st = keys_p and assemble(keys_p, (irs[0].space(p.a).n, irs[1].space(p.b).n),
                                  (st_a, st_b), crosses)
         if st:
             stats[p] = st
     report.notes.append(f"observe: statistics of {len(stats)} pairs of spaces taken from the "
                         f"depth pass's forward (the models ran once for both)")
-    return irs[0], irs[1], plan, stats
+    return Aligned(tuple(irs), plan, absent, stats)
 
 
 def _note_insertions(irs, infls, report) -> None:
@@ -136,3 +162,26 @@ def _note_insertions(irs, infls, report) -> None:
             report.notes += [f"insert ({ir.name}): {s}" for s in infl.inserted]
             report.notes.append(f"insert ({ir.name}): inflated model deviates from the original "
                                 f"by {infl.deviation:.2e} (relative max)")
+
+
+class AlignDepth(Pass):
+    """Depth-align models whose stages differ in depth and inflate the shallower one; runs only
+    when the ``structure`` pass found ``"depth"``. Options: :class:`~hmir.passes.depth.DepthOptions`."""
+
+    name = "align_depth"
+    requires = ("irs", "structure", "stages", "calib", "example")
+    provides = ("irs", "plan", "absent", "stats")
+    options = DepthOptions
+
+    def skip(self, state):
+        return None if state.structure == "depth" else "the models have the same depth"
+
+    def run(self, state, options: DepthOptions) -> Out:
+        done = align_and_inflate(*state.irs, state.calib, state.example, options, state.report,
+                                 state.progress, state.stages)
+        state.report.depth = done.plan
+        return Out({"irs": done.irs, "plan": done.plan, "absent": done.absent,
+                    "stats": {**state.stats, **done.stats}})
+
+
+register_pass(AlignDepth())

@@ -22,6 +22,9 @@ from hmir.ir import MergeIR, Slice
 from hmir.algorithms.matching import Match
 from hmir.ir.pairing import SpacePair
 from hmir.ir.slicing import UnitMap, apply_map, apply_units, compress_grouped, expand_grouped
+from hmir.ir.pairing import param_map
+from hmir.ir.verify import verify
+from hmir.pipeline.manager import Out, Pass, register_pass
 
 
 def _side(m: Match, side: int, n_a: int, role: str) -> torch.Tensor:
@@ -101,3 +104,23 @@ def _slices_by_param(ir: MergeIR) -> dict[str, list[Slice]]:
         for sl in s.slices:
             out.setdefault(sl.param, []).append(sl)
     return out
+
+
+class Fuse(Pass):
+    """Every merged tensor from the matches; the result is verified against A's IR when no
+    width changed (with new widths, ``emit`` verifies the resized IR)."""
+
+    name = "fuse"
+    requires = ("irs", "pairs", "matches", "widths")
+    provides = ("merged",)
+
+    def run(self, state, options) -> Out:
+        ir_a, ir_b = state.irs
+        merged = fuse(ir_a, ir_b, state.pairs, state.matches, ir_a.graph_module.state_dict(),
+                      ir_b.graph_module.state_dict(), param_map(ir_a, ir_b, state.pairs))
+        if not state.widths:
+            verify(ir_a, merged)            # the merged tensors still fit the IR exactly
+        return Out({"merged": merged})
+
+
+register_pass(Fuse())

@@ -1,6 +1,7 @@
 """match: per pair of spaces, a merge matrix M (r × (nA+nB)) and unmerge matrix U.
 
-Methods are registered in :data:`METHODS` (``avg``, ``permute``, ``zip``); fixed spaces
+Methods come from the registry :mod:`hmir.pipeline.methods` (``avg``, ``permute``, ``zip``
+and any a user registers: each has a ``solve`` for one free space); fixed spaces
 (model input/output) are always averaged unaligned. Grouped spaces (group size > 1) are
 matched as whole groups first (Hungarian on per-group-pair scores summed over the group
 class), then unit by unit within each paired group; the report says so. Group classes
@@ -13,12 +14,24 @@ changes; ``None`` keeps the activation correlation plus a tiny weight tie-break.
 
 Example::
 
-    >>> matches = match(ir_a, ir_b, pairs, stats, MatchOptions(method="zip", alpha=0.5))
-    >>> matches[3].M.shape
+    >>> import torch
+    >>> from hmir.harness import zoo
+    >>> from hmir.frontends import lower
+    >>> from hmir.ir.pairing import pair_spaces
+    >>> from hmir.passes.observe import observe
+    >>> a, b, x = zoo.resnet20(), zoo.resnet20(), torch.randn(8, 3, 32, 32)
+    >>> ir_a, ir_b = lower(a, x, "a"), lower(b, x, "b")
+    >>> pairs = pair_spaces(ir_a, ir_b)
+    >>> todo = [p for p in pairs if p.points]
+    >>> stats = dict(zip(todo, observe(ir_a, ir_b, todo, [x], progress=False)))
+    >>> matches, notes = match(ir_a, ir_b, pairs, [stats.get(p) for p in pairs],
+    ...                        MatchOptions(method="zip", alpha=0.5), a.state_dict(), b.state_dict())
+    >>> m = matches[1]; (m.r, tuple(m.M.shape))
+    (16, (16, 32))
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -28,8 +41,12 @@ from hmir.errors import MergeError
 from hmir.algorithms.groups import match_groups_rect
 from hmir.ir import MergeIR, Space
 from hmir.algorithms.matching import Match, _build, match_avg, match_keep, match_permute, match_zip
-from hmir.ir.pairing import SpacePair
+from hmir.ir.pairing import SpacePair, absent_pair  # noqa: F401  (absent_pair lived here)
 from hmir.passes.observe import SpaceStats
+from hmir.pipeline.manager import Out, Pass, register_pass
+from hmir.pipeline.methods import get_method
+from hmir.pipeline.report import SpaceReport
+from hmir.pipeline.state import NO_ABSENT
 from hmir.algorithms.tiebreak import producer_rows, row_length, similarity, stacked_similarity  # noqa: F401
 
 
@@ -40,7 +57,8 @@ class MatchOptions:
     ``similarity_alpha`` (None, or α in [0, 1]) switches on the dual-space similarity
     ``α·S_act + (1−α)·S_weight`` (not ZipIt's ``alpha``, which decays merged features'
     similarity); ``max_sweeps`` caps its sweeps over the spaces. ``tie_break`` weights the
-    producer-weight term of the default (``similarity_alpha=None``) similarity.
+    producer-weight term of the default (``similarity_alpha=None``) similarity. ``params``: further
+    parameters of a registered method's ``solve`` (``alpha``/``beta`` are passed too).
     """
 
     method: str = "zip"
@@ -51,6 +69,10 @@ class MatchOptions:
     name: str = "match"
     similarity_alpha: float | None = None
     max_sweeps: int = 8
+    params: dict = field(default_factory=dict)
+
+    def solve_params(self) -> dict:
+        return {"alpha": self.alpha, "beta": self.beta, **self.params}
 
 
 def target_width(spec, nA: int, nB: int, space: str = "") -> int:
@@ -79,18 +101,28 @@ def target_width(spec, nA: int, nB: int, space: str = "") -> int:
     return r
 
 
-METHODS = {
-    "avg": lambda corr, nA, nB, o, r: match_avg(nA, nB, corr=corr),
-    "permute": lambda corr, nA, nB, o, r: match_permute(corr, nA, nB),
-    "zip": lambda corr, nA, nB, o, r: match_zip(corr, nA, nB, r, alpha=o.alpha, beta=o.beta),
-}
-ELASTIC = {"zip"}           # methods that merge spaces of different widths to any width r
+def __getattr__(name: str):
+    """Deprecated: ``METHODS`` (name → solve) and ``ELASTIC`` are views of the method registry."""
+    if name in ("METHODS", "ELASTIC"):
+        import warnings
+
+        from hmir.pipeline.methods import METHODS as registry
+
+        warnings.warn(f"hmir.passes.match.{name} is deprecated: use hmir.pipeline.methods "
+                      f"(get_method, register_method)", DeprecationWarning, stacklevel=2)
+        if name == "ELASTIC":
+            return {n for n, m in registry.items() if m.elastic}
+        return {n: (lambda corr, nA, nB, o, r, m=m: m.solve(corr, nA, nB, o.solve_params(), r))
+                for n, m in registry.items() if m.solve is not None}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_method(method: str) -> None:
-    """Raise MergeError listing the valid methods when ``method`` is unknown."""
-    if method not in METHODS:
-        raise MergeError(f"unknown matching method {method!r}; valid methods: {sorted(METHODS)}")
+    """Raise MergeError listing the valid methods when ``method`` is unknown or does not match
+    spaces (runs no ``match`` pass)."""
+    if get_method(method).solve is None:
+        raise MergeError(f"method {method!r} does not match spaces (its passes: "
+                         f"{list(get_method(method).passes)})")
 
 
 def _default_similarity(sa: Space, sb: Space, ir_a: MergeIR, ir_b: MergeIR, st: SpaceStats,
@@ -103,19 +135,14 @@ def _default_similarity(sa: Space, sb: Space, ir_a: MergeIR, ir_b: MergeIR, st: 
     return stacked_similarity(corr, (sa, sb), states, tie)
 
 
-def absent_pair(ir_a: MergeIR, ir_b: MergeIR, p: SpacePair) -> str | None:
-    """``"a"``/``"b"`` when that side of the pair is a zero block's inner space (``meta["absent"]``)."""
-    if p.a in ir_a.meta.get("absent", ()):
-        return "a"
-    return "b" if p.b in ir_b.meta.get("absent", ()) else None
-
-
 def match(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], stats: list[SpaceStats | None],
-          opts: MatchOptions, state_a: dict, state_b: dict) -> tuple[list[Match], list[str]]:
+          opts: MatchOptions, state_a: dict, state_b: dict,
+          absent: tuple[frozenset, frozenset] = NO_ABSENT) -> tuple[list[Match], list[str]]:
     """Match every pair; returns the matches (in pair order) and notes for the report.
 
-    A pair whose one side is absent (an inserted zero block's inner features) keeps the
-    other side's features unchanged (:func:`~hmir.algorithms.matching.match_keep`).
+    A pair whose one side is absent (``absent``: per model, the ids of an inserted zero
+    block's inner spaces) keeps the other side's features unchanged
+    (:func:`~hmir.algorithms.matching.match_keep`).
     """
     check_method(opts.method)
     check_similarity_alpha(opts.similarity_alpha, opts.method)
@@ -126,12 +153,12 @@ def match(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], stats: list[Spac
     kept = 0
     for k, p in enumerate(pairs):
         sa, sb = ir_a.space(p.a), ir_b.space(p.b)
-        side = absent_pair(ir_a, ir_b, p)
+        side = absent_pair(p, absent)
         if sa.fixed:                      # fuse moves the matrices to each tensor's device
             out[k] = match_avg(sa.n, sb.n)
         elif side is not None:
             out[k], kept = match_keep(sa.n, sb.n, "b" if side == "a" else "a"), kept + 1
-        elif sa.group_size > 1 and opts.method != "avg":
+        elif sa.group_size > 1 and get_method(opts.method).group_align:
             grouped.setdefault(sa.group_class, []).append(k)
         else:
             todo.append(k)
@@ -150,8 +177,10 @@ def _match_free(ir_a, ir_b, pairs, stats, opts: MatchOptions, todo: list[int],
     spaces = {k: (ir_a.space(pairs[k].a), ir_b.space(pairs[k].b)) for k in todo}
     widths = {k: _width(opts, *spaces[k], ir_a, ir_b) for k in todo}
 
+    method, params = get_method(opts.method), opts.solve_params()
+
     def solve(k: int, sim: torch.Tensor) -> Match:
-        return METHODS[opts.method](sim, spaces[k][0].n, spaces[k][1].n, opts, widths[k])
+        return method.solve(sim, spaces[k][0].n, spaces[k][1].n, params, widths[k])
 
     if opts.similarity_alpha is None:
         for k in todo:
@@ -174,7 +203,7 @@ def _match_grouped(ir_a, ir_b, pairs, stats, opts: MatchOptions, ks: list[int], 
         return (f"grouped spaces [{names}]: group alignment then within-group permutation "
                 f"(method {opts.method!r} applies to ungrouped spaces)")
     shape = f"{sas[0].groups} groups in {ir_a.name}, {sbs[0].groups} in {ir_b.name}"
-    if opts.method not in ELASTIC:
+    if not get_method(opts.method).elastic:
         raise MergeError(f"grouped space '{sas[0].name}' has {sas[0].groups}×{sas[0].group_size} "
                          f"units in {ir_a.name} and {sbs[0].groups}×{sbs[0].group_size} in "
                          f"{ir_b.name}; method {opts.method!r} pairs units one to one: use "
@@ -190,7 +219,7 @@ def _match_grouped(ir_a, ir_b, pairs, stats, opts: MatchOptions, ks: list[int], 
 
 def _width(opts: MatchOptions, sa: Space, sb: Space, ir_a: MergeIR, ir_b: MergeIR) -> int:
     r = target_width(opts.width, sa.n, sb.n, sa.name)
-    if opts.method not in ELASTIC and (sa.n != sb.n or r != sa.n):
+    if not get_method(opts.method).elastic and (sa.n != sb.n or r != sa.n):
         raise MergeError(
             f"space '{sa.name}' has width {sa.n} in {ir_a.name} and {sb.n} in {ir_b.name} (merged "
             f"width {r} asked); method {opts.method!r} pairs units one to one and needs equal "
@@ -226,3 +255,27 @@ def _match_group_class(stats: list[SpaceStats], spaces: list[Space]) -> list[Mat
                   for g in range(G) for j in range(k)]
         out.append(_build(groups, 2 * n, corr, corr.device, torch.float32))
     return out
+
+
+class MatchPass(Pass):
+    """Merge and unmerge matrices of every pair, and the merged widths that changed.
+    Options: :class:`MatchOptions`."""
+
+    name = "match"
+    requires = ("irs", "pairs", "stats", "absent")
+    provides = ("matches", "widths")
+    options = MatchOptions
+
+    def run(self, state, options: MatchOptions) -> Out:
+        ir_a, ir_b = state.irs
+        matches, notes = match(ir_a, ir_b, state.pairs, [state.stats.get(p) for p in state.pairs],
+                               options, ir_a.graph_module.state_dict(),
+                               ir_b.graph_module.state_dict(), state.absent)
+        for p, m in zip(state.pairs, matches):
+            sa, sb = ir_a.space(p.a), ir_b.space(p.b)
+            state.report.spaces.append(SpaceReport(sa.name, sa.n, sb.n, m.r, m.score, sa.fixed))
+        widths = {p.a: m.r for p, m in zip(state.pairs, matches) if m.r != ir_a.space(p.a).n}
+        return Out({"matches": matches, "widths": widths}, notes)
+
+
+register_pass(MatchPass())

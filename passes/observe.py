@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 from hmir.errors import CalibrationError
 from hmir.ir.modes import eval_mode
 from hmir.ir import MergeIR, ObsPoint
-from hmir.ir.pairing import SpacePair  # noqa: F401  (re-exported: it lived here)
+from hmir.ir.pairing import SpacePair, absent_pair  # noqa: F401  (SpacePair lived here)
 from hmir.algorithms.matching import correlation_rows
 from hmir.ir.zeros import ZeroSkipping
+from hmir.pipeline.manager import Out, Pass, register_pass
 
 
 @dataclass
@@ -267,3 +268,27 @@ def observe(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], data, *,
             for p, st in zip(pairs, stats):
                 st.update_points([(rec_a.features[pa], rec_b.features[pb]) for pa, pb in p.points])
     return stats
+
+
+class Observe(Pass):
+    """Stream the statistics of every pair that has observation points, is not absent, and was
+    not observed already (``align_depth`` may have collected some in its forward)."""
+
+    name = "observe"
+    requires = ("irs", "pairs", "absent", "stats", "calib")
+    provides = ("stats",)
+
+    def skip(self, state):
+        return None if state.method.needs_activations else \
+            f"method {state.method.name!r} does not match on activations"
+
+    def run(self, state, options) -> Out:
+        todo = [p for p in state.pairs
+                if p.points and absent_pair(p, state.absent) is None and p not in state.stats]
+        stats = dict(state.stats)
+        if todo:
+            stats.update(zip(todo, observe(*state.irs, todo, state.calib, progress=state.progress)))
+        return Out({"stats": stats})
+
+
+register_pass(Observe())

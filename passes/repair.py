@@ -10,9 +10,13 @@ Example::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
+
+from hmir.pipeline.manager import Out, Pass, register_pass
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -45,3 +49,33 @@ def repair(module: nn.Module, data, *, progress: bool = True) -> int:
         for m, t in flags.items():
             m.training = t
     return len(norms)
+
+
+@dataclass(frozen=True)
+class RepairOptions:
+    """``enabled``: reset the merged model's norm statistics (compile_merge's ``repair=``)."""
+
+    enabled: bool = True
+    name: str = "repair"
+
+
+class Repair(Pass):
+    """Reset the merged module's BatchNorm statistics on the calibration data (in place on the
+    merged module, which hmir built; never on the user's models)."""
+
+    name = "repair"
+    requires = ("module", "calib")
+    provides = ("module",)
+    options = RepairOptions
+
+    def skip(self, state):
+        return None if has_norms(state.module) else "the merged model has no norm statistics"
+
+    def run(self, state, options: RepairOptions) -> Out:
+        if not options.enabled:
+            return Out({}, ["repair: off (norm statistics are the merged parents' averages)"])
+        n = repair(state.module, state.calib, progress=state.progress)
+        return Out({"module": state.module}, [f"repair: reset the running statistics of {n} norm layers"])
+
+
+register_pass(Repair())

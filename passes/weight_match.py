@@ -28,6 +28,8 @@ from hmir.ir import MergeIR, Slice
 from hmir.ir.pairing import pair_spaces, param_map
 from hmir.ir.pairing import SpacePair
 from hmir.ir.slicing import slice_index
+from hmir.pipeline.manager import Out, Pass, register_pass
+from hmir.pipeline.report import SpaceReport
 
 
 @dataclass
@@ -268,3 +270,26 @@ def align_state(ir_a: MergeIR, ir_b: MergeIR, state_b: dict, wm: WeightMatch, *,
         else:
             out[k] = a.detach().clone()
     return out
+
+
+class WeightMatchPass(Pass):
+    """MAL's zero-padded weight matching of B onto A (no activations needed)."""
+
+    name = "weight_match"
+    requires = ("irs", "pairs")
+    provides = ("weight_matching",)
+
+    def run(self, state, options) -> Out:
+        ir_a, ir_b = state.irs
+        state_a, state_b = ir_a.graph_module.state_dict(), ir_b.graph_module.state_dict()
+        wm = weight_match(ir_a, ir_b, state.pairs, state_a, state_b,
+                          names=param_map(ir_a, ir_b, state.pairs))
+        for p in state.pairs:
+            sa, sb = ir_a.space(p.a), ir_b.space(p.b)
+            state.report.spaces.append(SpaceReport(sa.name, sa.n, sb.n, sa.n, float("nan"), sa.fixed))
+        return Out({"weight_matching": wm},
+                   wm.notes + [f"mal: weight matching objective {wm.history[0]:.4g} → "
+                               f"{wm.objective:.4g} in {wm.sweeps} sweep(s)"])
+
+
+register_pass(WeightMatchPass())

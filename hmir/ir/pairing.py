@@ -7,9 +7,15 @@ differ (e.g. a model inflated with inserted units).
 
 Example::
 
+    >>> from hmir.frontends import lower
+    >>> from hmir.harness import zoo
+    >>> ir_a = lower(zoo.mlp(4, (8,), 2), torch.randn(2, 4))
+    >>> ir_b = lower(zoo.mlp(4, (16,), 2), torch.randn(2, 4))      # another width: still pairs
     >>> pairs = pair_spaces(ir_a, ir_b)     # raises IncompatibleModelsError on a mismatch
-    >>> param_map(ir_a, ir_b, pairs)["layer1.0.conv1.weight"]
-    'layer1.0.conv1.weight'
+    >>> [(p.a, p.b, len(p.points)) for p in pairs]
+    [(0, 0, 0), (1, 1, 1), (2, 2, 0)]
+    >>> param_map(ir_a, ir_b, pairs)["3.weight"]
+    '3.weight'
 """
 from __future__ import annotations
 
@@ -37,19 +43,26 @@ def _describe(ir: MergeIR, s: Space) -> str:
             f"{len(s.slices)} parameter slices)")
 
 
-def pair_spaces(ir_a: MergeIR, ir_b: MergeIR) -> list[SpacePair]:
-    """Pair the spaces of two models of the same structure (widths may differ, fixed may not)."""
+def mismatch(ir_a: MergeIR, ir_b: MergeIR) -> str | None:
+    """Why the spaces of two IRs do not pair one to one, or None when they do."""
     if len(ir_a.spaces) != len(ir_b.spaces):
-        raise IncompatibleModelsError(
-            f"{ir_a.name} has {len(ir_a.spaces)} spaces and {ir_b.name} has {len(ir_b.spaces)}: their "
-            f"structures differ (different ops, not only different depth or width); "
-            f"print(hmir.frontends.lower(model, x)) shows each model's spaces")
-    pairs = []
+        return (f"{ir_a.name} has {len(ir_a.spaces)} spaces and {ir_b.name} has {len(ir_b.spaces)}: "
+                f"their structures differ (different ops, not only different depth or width); "
+                f"print(hmir.frontends.lower(model, x)) shows each model's spaces")
     for sa, sb in zip(ir_a.spaces, ir_b.spaces):
         if _signature(sa) != _signature(sb) or (sa.fixed and sa.n != sb.n):
-            raise IncompatibleModelsError(
-                f"{_describe(ir_a, sa)} does not correspond to {_describe(ir_b, sb)}: the models' "
-                f"structures differ there")
+            return (f"{_describe(ir_a, sa)} does not correspond to {_describe(ir_b, sb)}: the "
+                    f"models' structures differ there")
+    return None
+
+
+def pair_spaces(ir_a: MergeIR, ir_b: MergeIR) -> list[SpacePair]:
+    """Pair the spaces of two models of the same structure (widths may differ, fixed may not)."""
+    why = mismatch(ir_a, ir_b)
+    if why is not None:
+        raise IncompatibleModelsError(why)
+    pairs = []
+    for sa, sb in zip(ir_a.spaces, ir_b.spaces):
         if sa.fixed or not sa.points:
             pairs.append(SpacePair(sa.id, sb.id, ()))
         elif len(sa.points) == len(sb.points):
@@ -71,3 +84,17 @@ def param_map(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair]) -> dict[str,
     if len(set(out.values())) != len(out):
         raise IncompatibleModelsError(f"two parameters of {ir_a.name} correspond to one of {ir_b.name}")
     return out
+
+
+def absent_pair(p: SpacePair, absent: tuple[frozenset, frozenset]) -> str | None:
+    """``"a"``/``"b"`` when that side of the pair is absent (an inserted zero block's inner
+    features, listed per model in ``absent``), else None.
+
+    Example::
+
+        >>> absent_pair(SpacePair(3, 5, ()), (frozenset(), frozenset({5})))
+        'b'
+    """
+    if p.a in absent[0]:
+        return "a"
+    return "b" if p.b in absent[1] else None

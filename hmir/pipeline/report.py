@@ -39,6 +39,7 @@ class MergeReport:
     spaces: list[SpaceReport] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    passes: list[tuple[str, str]] = field(default_factory=list)   # (pass, "ran" | "skipped: why")
     depth: Any = None          # the DepthPlan of a depth-heterogeneous merge (CKA, alignments)
 
     def plot_cka(self, path, title: str = ""):
