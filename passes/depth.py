@@ -15,9 +15,18 @@ stage whose depths differ (for heatmaps; :func:`hmir.api.depth_plan` does this).
 
 Example::
 
-    >>> plan = depth(ir_a, ir_b, calibration, DepthOptions("lma"), progress=False)
-    >>> plan.alignments[0].positions          # where the shallower model's units sit
-    (0, 1, 3)
+    >>> import torch
+    >>> from hmir.harness import zoo
+    >>> from hmir.frontends import lower
+    >>> from hmir.pipeline.data import Calibration
+    >>> calib = Calibration([torch.randn(8, 3, 32, 32) for _ in range(2)])
+    >>> x = calib.example()
+    >>> ir_a, ir_b = lower(zoo.resnet20(), x, "a"), lower(zoo.resnet26(), x, "b")
+    >>> plan = depth(ir_a, ir_b, calib, DepthOptions("lma"), progress=False)
+    >>> [(al.n, al.m, al.deeper) for al in plan.alignments if al is not None]
+    [(4, 5, 'b'), (3, 4, 'b'), (3, 4, 'b')]
+    >>> len(plan.alignments[1].positions)     # where the shallower model's units sit
+    3
 """
 from __future__ import annotations
 

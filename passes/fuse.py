@@ -9,7 +9,19 @@ block-diagonal form, fused, and compressed back (exact when the match respects g
 
 Example::
 
-    >>> state = fuse(ir_a, ir_b, pairs, matches)      # a new state dict for A's architecture
+    >>> import torch
+    >>> from hmir.harness import zoo
+    >>> from hmir.frontends import lower
+    >>> from hmir.ir.pairing import pair_spaces
+    >>> from hmir.algorithms.matching import match_avg
+    >>> a, b, x = zoo.mlp(4, (8,), 2), zoo.mlp(4, (8,), 2), torch.randn(2, 4)
+    >>> ir_a, ir_b = lower(a, x, "a"), lower(b, x, "b")
+    >>> pairs = pair_spaces(ir_a, ir_b)
+    >>> matches = [match_avg(ir_a.space(p.a).n, ir_b.space(p.b).n) for p in pairs]
+    >>> state = fuse(ir_a, ir_b, pairs, matches, a.state_dict(), b.state_dict())
+    >>> w = [k for k in state if k.endswith("weight")][0]          # A's names and shapes
+    >>> bool(torch.allclose(state[w], (a.state_dict()[w] + b.state_dict()[w]) / 2))
+    True
 """
 from __future__ import annotations
 

@@ -17,9 +17,14 @@ against the original on the example batch (``Inflation.deviation``).
 
 Example::
 
-    >>> inflated = inflate(model_b, plan, side="b", example=x)
-    >>> inflated.deviation <= 1e-5, inflated.inserted
-    (True, ['stage 1: 1 zero block(s) at positions [2]'])
+    >>> import torch, hmir
+    >>> from hmir.harness import zoo
+    >>> batches = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    >>> a, b = zoo.resnet20(), zoo.resnet26()
+    >>> plan = hmir.depth_plan(a, b, batches, progress=False)
+    >>> inflated = inflate(a, plan, side="a", example=batches[0][:2])
+    >>> inflated.deviation <= 1e-5, len(inflated.inserted)
+    (True, 3)
 """
 from __future__ import annotations
 
@@ -294,8 +299,15 @@ def inflate(model: nn.Module, plan, side: str, example: torch.Tensor) -> Inflati
 
     Example::
 
-        >>> plan = hmir.depth_plan(resnet20, resnet26, batches, depth="lma")
-        >>> inflate(resnet20, plan, "a", x).module      # now as deep as resnet26
+        >>> import torch, hmir
+        >>> from hmir.harness import zoo
+        >>> batches = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+        >>> resnet20, resnet26 = zoo.resnet20().eval(), zoo.resnet26()
+        >>> plan = hmir.depth_plan(resnet20, resnet26, batches, depth="lma", progress=False)
+        >>> deep = inflate(resnet20, plan, "a", batches[0]).module.eval()  # as deep as resnet26
+        >>> with torch.no_grad():
+        ...     bool(torch.allclose(deep(batches[1]), resnet20(batches[1]), atol=1e-5))
+        True
     """
     from hmir.frontends.fx import propagate_shapes, trace
 

@@ -6,8 +6,16 @@ sum of outer products and count: memory is O((nA+nB)²) per space, never O(sampl
 
 Example::
 
-    >>> stats = observe(ir_a, ir_b, pairs, calibration, progress=False)
-    >>> stats[0].corr().shape            # (nA+nB, nA+nB)
+    >>> import torch
+    >>> from hmir.harness import zoo
+    >>> from hmir.frontends import lower
+    >>> from hmir.ir.pairing import pair_spaces
+    >>> x = torch.randn(8, 3, 32, 32)
+    >>> ir_a, ir_b = lower(zoo.resnet20(), x, "a"), lower(zoo.resnet20(width=2), x, "b")
+    >>> pairs = [p for p in pair_spaces(ir_a, ir_b) if p.points]
+    >>> stats = observe(ir_a, ir_b, pairs, [x, x], progress=False)
+    >>> stats[0].corr().shape, stats[0].count   # (nA+nB)²; rows: 2 batches x 8 x 32² pixels x 4 points
+    (torch.Size([48, 48]), 65536)
 """
 from __future__ import annotations
 

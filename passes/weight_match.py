@@ -10,11 +10,16 @@ nothing special. Fixed spaces map identity; grouped spaces keep the identity (no
 
 Example::
 
+    >>> import torch
+    >>> from hmir.harness import zoo
+    >>> from hmir.frontends import lower
+    >>> a, b, x = zoo.mlp(4, (16, 8), 2), zoo.mlp(4, (16, 8), 2), torch.randn(2, 4)
+    >>> ir_a, ir_b = lower(a, x, "a"), lower(b, x, "b")
     >>> pairs = pair_spaces(ir_a, ir_b)
     >>> wm = weight_match(ir_a, ir_b, pairs, a.state_dict(), b.state_dict())
     >>> aligned = align_state(ir_a, ir_b, b.state_dict(), wm)   # A's names and shapes
-    >>> wm.history[0] <= wm.history[-1]
-    True
+    >>> wm.history[0] <= wm.history[-1], aligned.keys() == a.state_dict().keys()
+    (True, True)
 """
 from __future__ import annotations
 
@@ -252,8 +257,14 @@ def align_state(ir_a: MergeIR, ir_b: MergeIR, state_b: dict, wm: WeightMatch, *,
 
     Example::
 
+        >>> import torch
+        >>> from hmir.harness import zoo
+        >>> from hmir.frontends import lower
+        >>> a, b, x = zoo.mlp(4, (8,), 2), zoo.mlp(4, (8,), 2), torch.randn(2, 4)
+        >>> ir_a, ir_b = lower(a, x, "a"), lower(b, x, "b")
+        >>> wm = weight_match(ir_a, ir_b, pair_spaces(ir_a, ir_b), a.state_dict(), b.state_dict())
         >>> aligned = align_state(ir_a, ir_b, b.state_dict(), wm)
-        >>> aligned["fc.weight"].shape == a.fc.weight.shape
+        >>> all(aligned[k].shape == v.shape for k, v in a.state_dict().items())
         True
     """
     pairs = pair_spaces(ir_a, ir_b)
