@@ -140,13 +140,12 @@ def prepare(a, b, data, *, method="zip", depth="lma", width=None, repair=True, m
     depth_opts = depth if isinstance(depth, DepthOptions) else DepthOptions(depth)
     if not m.needs_activations:         # nothing to observe: no point fusing it with the CKA forward
         depth_opts = replace(depth_opts, fuse_observe=False)
-    options = {"lower": LowerOptions(frontend), "align_depth": depth_opts,
-               "repair": RepairOptions(repair)}
+    options = [LowerOptions(frontend), depth_opts, RepairOptions(repair)]
     if "match" in m.passes:
-        options["match"] = MatchOptions(
+        options.append(MatchOptions(
             method, params.get("alpha", 0.5), params.get("beta", 0.5), width=width or "max",
             similarity_alpha=params.get("similarity_alpha"),
-            params={k: v for k, v in params.items() if k not in MATCH_KEYS})
+            params={k: v for k, v in params.items() if k not in MATCH_KEYS}))
     calib = Calibration(data, max_batches=max_batches)
     shown = {k: v for k, v in params.items() if not (k == "similarity_alpha" and v is None)}
     shown["depth"] = depth_opts.method
@@ -154,7 +153,7 @@ def prepare(a, b, data, *, method="zip", depth="lma", width=None, repair=True, m
         shown["width"] = width or "max"
     report = MergeReport(names, (frontend, frontend), method, shown)
     return MergeState(models=(a, b), names=names, calib=calib, example=calib.example(), method=m,
-                      params=params, options=options, report=report, progress=progress)
+                      params=params, options={o.name: o for o in options}, report=report, progress=progress)
 
 
 def depth_plan(a: nn.Module, b: nn.Module, data, *, depth: str = "lma", progress: bool = True,

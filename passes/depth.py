@@ -60,7 +60,7 @@ class DepthOptions:
     method: str = "lma"
     cka: str = "needed"
     fuse_observe: bool = True
-    name: str = "depth"
+    name: str = "align_depth"      # the pass these options are for
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -129,7 +129,12 @@ def _run_one(p: Pass, state: MergeState, verify: bool) -> MergeState:
     timings = state.report.timings
     before = sum(timings.values())
     t0 = time.perf_counter()
-    out = p.run(state, state.option(p.name, p.options()))
+    opts = state.option(p.name, None)
+    if opts is None:
+        opts = p.options()
+    elif not isinstance(opts, p.options):
+        raise MergeError(f"pass {p.name!r} takes {p.options.__name__}, got {type(opts).__name__}")
+    out = p.run(state, opts)
     spent = time.perf_counter() - t0 - (sum(timings.values()) - before)
     timings[p.name] = timings.get(p.name, 0.0) + spent
     extra = sorted(set(out.values) - set(p.provides))
