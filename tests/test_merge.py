@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_unchanged, randomized, rel_err, state_snapshot, torchvision_model
+from conftest import (assert_unchanged, randomized, rel_err, slow_except, state_snapshot,
+                      torchvision_model)
 from hmir import compile_merge
 from hmir.harness import zoo
 from hmir.frontends import lower
@@ -28,7 +29,7 @@ SHAPES = {"resnet18": (8, 3, 64, 64), "vgg11_bn_cifar": (8, 3, 32, 32), "resnet2
 
 
 @pytest.mark.parametrize("method", ["avg", "permute", "zip"])
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", slow_except(MODELS, "vgg11_bn_cifar", "resnet20"))
 def test_merge_with_itself_is_identity(name, method):
     a = randomized(MODELS[name]())
     data = _data(SHAPES[name])
@@ -41,6 +42,7 @@ def test_merge_with_itself_is_identity(name, method):
         assert all(s.similarity > 0.999 for s in free)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "vgg11_bn_cifar"])
 def test_permute_recovers_hidden_permutation(name):
     a = randomized(MODELS[name]())
@@ -69,6 +71,7 @@ def test_group_alignment_recovers_group_permutation():
     assert any("group alignment" in n for n in result.report.notes)
 
 
+@pytest.mark.slow
 def test_inputs_unchanged_and_repair_changes_only_the_merged_model():
     a, b = zoo.resnet20(), zoo.resnet20()
     a.train()                                   # a mixed state: a in train mode, b in eval
@@ -83,6 +86,7 @@ def test_inputs_unchanged_and_repair_changes_only_the_merged_model():
     assert bns and all(m.momentum == 0.1 and m.num_batches_tracked > 0 for m in bns)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "resnet20"])
 def test_onnx_parity_of_merged_model(name, tmp_path):
     a, b = MODELS[name](), randomized(MODELS[name](), seed=1)
@@ -95,11 +99,12 @@ def test_report_lists_spaces_and_timings():
     a, b = zoo.resnet20(), zoo.resnet20()
     result = compile_merge(a, b, _data((8, 3, 32, 32)), method="zip", progress=False)
     text = str(result.report)
-    for key in ("trace", "observe", "match", "fuse"):
+    for key in ("lower", "observe", "match", "fuse"):         # the passes that ran, timed
         assert key in result.report.timings
     assert "layer1" in text and "fixed" in text and 0 < result.report.mean_similarity <= 1
 
 
+@pytest.mark.slow
 def test_depth_hetero_inputs_unchanged():
     """Crossed depths (each model is the shallower one somewhere): both are inflated, and the
     inflated copies share the inputs' parameters, so nothing may write to them."""
