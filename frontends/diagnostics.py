@@ -2,9 +2,14 @@
 
 Example::
 
-    >>> err = node_error(UnsupportedOpError, "model a", None, "no rule", hint="register one")
-    >>> "model a" in str(err) and "register one" in str(err)
-    True
+    >>> import torch.fx as fx, torch.nn as nn
+    >>> from hmir.errors import UnsupportedOpError
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    >>> relu = list(gm.graph.nodes)[2]
+    >>> err = node_error(UnsupportedOpError, "model a", relu, "has no rule", hint="register one")
+    >>> print(err)
+    model a: node '_1' (call_module 1) has no rule
+      what to do: register one
 """
 from __future__ import annotations
 

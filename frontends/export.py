@@ -9,11 +9,11 @@ its shapes recorded with a dynamic batch, and each aten op is lowered by its rul
 Example::
 
     >>> import transformers
-    >>> cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-    ...                               intermediate_size=128, vocab_size=100)
+    >>> cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ...                               intermediate_size=64, vocab_size=100)
     >>> ir = lower(transformers.BertForSequenceClassification(cfg), torch.randint(0, 100, (2, 12)))
-    >>> sorted({s.group_size for s in ir.spaces})          # heads of 16 units
-    [1, 16]
+    >>> ir.frontend, sorted({s.group_size for s in ir.spaces})          # heads of 16 units
+    ('export', [1, 16])
 """
 from __future__ import annotations
 

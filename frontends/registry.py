@@ -13,6 +13,17 @@ Example::
     ...     def forward(self, x):
     ...         return x * self.scale[:, None, None]
     >>> register_module(Scale, rules.Affine(dim=1, params=("scale",)))
+    >>> from hmir.frontends import lower, unregister_module
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), Scale(4), nn.Conv2d(4, 2, 1))
+    >>> ir = lower(net, torch.randn(2, 3, 5, 5))
+    >>> ir.slices_of("1.scale")                # the gain moves with the conv's channels
+    [Slice(param='1.scale', dim=0, space=1, role='out', offset=0, inner=1, outer=1, grouped=False)]
+    >>> register_module(Scale, rules.Pointwise())
+    Traceback (most recent call last):
+        ...
+    hmir.errors.HMIRError: a rule for module <class '...Scale'> is already registered (affine);
+    pass override=True to replace it
+    >>> unregister_module(Scale)
 """
 from __future__ import annotations
 

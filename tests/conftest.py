@@ -2,10 +2,29 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 import torch.nn as nn
+
+# every merge in the suite checks the IR invariants after every pass (hmir.run_pipeline's verify)
+os.environ.setdefault("HMIR_VERIFY", "1")
+
+
+def slow_except(values, *fast) -> list:
+    """``values`` for ``pytest.mark.parametrize``, each marked ``slow`` unless it is in ``fast``.
+
+    ``pytest -m "not slow"`` (the fast tier) then runs only the ``fast`` cases. A value that is a
+    tuple (several argnames) is named by its first item.
+    """
+    values = list(values)
+    key = [v[0] if isinstance(v, tuple) else v for v in values]
+    unknown = [f for f in fast if f not in key]
+    assert not unknown, f"slow_except: {unknown} are not among {key}"
+    return [v if k in fast else pytest.param(*(v if isinstance(v, tuple) else (v,)),
+                                             marks=pytest.mark.slow)
+            for k, v in zip(key, values)]
 
 
 def randomized(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import randomized, rel_err, torchvision_model
+from conftest import randomized, rel_err, slow_except, torchvision_model
 from hmir import compile_merge, depth_plan, inflate
 from hmir.harness import zoo
 from hmir.errors import IncompatibleModelsError
@@ -100,7 +100,7 @@ PAIRS = {
 }
 
 
-@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("name", slow_except(PAIRS, "vgg13+vgg19"))
 def test_depth_hetero_pairs_merge_run_and_export(name, tmp_path):
     make_a, make_b, shape = PAIRS[name]
     a, b = randomized(make_a()), randomized(make_b(), 1)
@@ -125,7 +125,7 @@ def test_crossed_depths_inflate_both_models():
     assert [al.deeper for al in plan.alignments[:3]] == ["b", "a", "b"]
 
 
-@pytest.mark.parametrize("depth", ["sma", "lma", "uniform"])
+@pytest.mark.parametrize("depth", slow_except(["sma", "lma", "uniform"], "lma"))
 def test_every_depth_method_with_every_matcher(depth):
     a, b = randomized(zoo.resnet20()), randomized(zoo.resnet26(), 1)
     x = _data((4, 3, 32, 32), 1, seed=3)[0]
@@ -224,7 +224,7 @@ FUSED_PAIRS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(FUSED_PAIRS))
+@pytest.mark.parametrize("name", slow_except(sorted(FUSED_PAIRS), "crossed"))
 def test_statistics_from_the_depth_forward_equal_a_second_forward(name):
     """The default takes observe's statistics from the CKA forward of the original models
     (hmir.passes.observe_depth); the merge must be the one the two-forward path makes."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import randomized, rel_err, torchvision_model
+from conftest import randomized, rel_err, slow_except, torchvision_model
 from hmir.harness import zoo
 from hmir.errors import VerificationError
 from hmir.frontends import lower
@@ -36,7 +36,7 @@ TORCHVISION = ["resnet18", "resnet50", "wide_resnet50_2", "vgg11_bn", "vgg16", "
                "densenet121", "resnext50_32x4d", "efficientnet_b0"]
 
 
-@pytest.mark.parametrize("name", TORCHVISION)
+@pytest.mark.parametrize("name", slow_except(TORCHVISION, "resnet18", "mobilenet_v2"))
 def test_torchvision_permutation_invariance(name):
     ir = assert_permutation_invariant(torchvision_model(name, num_classes=10),
                                       torch.randn(3, 3, 64, 64))
@@ -48,7 +48,8 @@ ZOO = [("resnet20", {}), ("resnet26", {"width": 2}), ("resnet50_cifar", {}), ("v
        ("mnist_cnn", {"in_channels": 3}), ]
 
 
-@pytest.mark.parametrize("name,kw", ZOO)
+@pytest.mark.parametrize("name,kw", slow_except(ZOO, "resnet20", "resnet26", "vgg11", "vgg13", "vgg16", "vgg19",
+                                              "mnist_cnn"))
 def test_zoo_permutation_invariance(name, kw):
     assert_permutation_invariant(zoo.build(name, **kw), torch.randn(3, 3, 32, 32))
 
@@ -61,6 +62,7 @@ def test_cifar_resnet_spaces():
     assert len(ir.free_spaces) == 3 + 9
 
 
+@pytest.mark.slow
 def test_flatten_stride_and_concat():
     """vgg16's classifier reads 512 channels × 49 positions; densenet composes concat spaces."""
     ir = lower(torchvision_model("vgg16", num_classes=10), torch.randn(2, 3, 64, 64))

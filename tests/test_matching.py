@@ -122,6 +122,7 @@ def test_zip_fast_equals_reference_ties() -> None:
     _assert_same(torch.zeros(30, 30), 15, 15, 3, 0.5, 0.5)
 
 
+@pytest.mark.slow
 def test_zip_fast_equals_reference_large() -> None:
     gen = torch.Generator().manual_seed(4)
     n = 512

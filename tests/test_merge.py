@@ -42,8 +42,7 @@ def test_merge_with_itself_is_identity(name, method):
         assert all(s.similarity > 0.999 for s in free)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn_cifar"])
+@pytest.mark.parametrize("name", slow_except(["resnet18", "vgg11_bn_cifar"], "vgg11_bn_cifar"))
 def test_permute_recovers_hidden_permutation(name):
     a = randomized(MODELS[name]())
     data = _data(SHAPES[name])
@@ -71,7 +70,6 @@ def test_group_alignment_recovers_group_permutation():
     assert any("group alignment" in n for n in result.report.notes)
 
 
-@pytest.mark.slow
 def test_inputs_unchanged_and_repair_changes_only_the_merged_model():
     a, b = zoo.resnet20(), zoo.resnet20()
     a.train()                                   # a mixed state: a in train mode, b in eval
@@ -104,7 +102,6 @@ def test_report_lists_spaces_and_timings():
     assert "layer1" in text and "fixed" in text and 0 < result.report.mean_similarity <= 1
 
 
-@pytest.mark.slow
 def test_depth_hetero_inputs_unchanged():
     """Crossed depths (each model is the shallower one somewhere): both are inflated, and the
     inflated copies share the inputs' parameters, so nothing may write to them."""

@@ -82,6 +82,7 @@ def test_logits_cosine() -> None:
     assert out[1, 2].item() == pytest.approx(-2.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_trained_model_learns_its_task_only(split, trained) -> None:
     model, E, task_a, task_b = trained
     assert not model.training
@@ -103,6 +104,7 @@ def test_training_deterministic(split) -> None:
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.slow
 def test_evaluate_restores_train_flag(split, trained) -> None:
     model, E, task_a, task_b = trained
     model.train()

@@ -4,6 +4,10 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
+import pytest
+
+pytestmark = pytest.mark.slow       # trains MNIST models (about a minute or more)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -59,7 +59,8 @@ class _FixedBatch(nn.Module):
         return x.reshape(2, -1) * 2.0
 
 
-@pytest.mark.parametrize("traced", [False, True], ids=["module", "fx"])
+@pytest.mark.parametrize("traced", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["module", "fx"])
 def test_small_net_parity_and_dynamic_batch(tmp_path: Path, traced: bool) -> None:
     net = _small_net()
     model = fx.symbolic_trace(net) if traced else net
@@ -78,6 +79,7 @@ def test_small_net_parity_and_dynamic_batch(tmp_path: Path, traced: bool) -> Non
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_single_row_example_still_gives_dynamic_batch(tmp_path: Path) -> None:
     net = _small_net()
     res = export_onnx(net, _x(1), tmp_path / "one.onnx")
@@ -95,6 +97,7 @@ def test_resnet18_fx(tmp_path: Path) -> None:
     onnx.checker.check_model(str(res.path))
 
 
+@pytest.mark.slow
 def test_tuple_outputs(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = fx.symbolic_trace(_TwoHeads().eval())
@@ -119,6 +122,7 @@ def test_module_unchanged(tmp_path: Path) -> None:
     assert [p.requires_grad for p in net.parameters()] == grads
 
 
+@pytest.mark.slow
 def test_double_module_keeps_dtype(tmp_path: Path) -> None:
     net = _small_net().double()
     res = export_onnx(net, _x(2).double(), tmp_path / "f64.onnx")
@@ -134,11 +138,13 @@ def test_parity_failure_names_path(tmp_path: Path) -> None:
     assert isinstance(info.value, HMIRError)
 
 
+@pytest.mark.slow
 def test_no_check_returns_diff(tmp_path: Path) -> None:
     res = export_onnx(_small_net(), _x(2), tmp_path / "nocheck.onnx", check=False, atol=-1.0)
     assert 0.0 <= res.max_abs_diff <= 1e-4
 
 
+@pytest.mark.slow
 def test_fixed_batch_model_raises(tmp_path: Path) -> None:
     with pytest.raises(ExportError):
         export_onnx(_FixedBatch(), torch.randn(2, 3), tmp_path / "fixed.onnx")

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow       # trains and merges real models for minutes
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -141,6 +141,7 @@ def _widths(result):
     return [s.width for s in result.report.spaces if not s.fixed]
 
 
+@pytest.mark.slow
 def test_resnet20_x1_and_x2_merge_at_every_width_spec(tmp_path):
     a, b = randomized(zoo.resnet20(1)), randomized(zoo.resnet20(2), seed=1)
     data = _data((8, 3, 32, 32), 2)
@@ -156,6 +157,7 @@ def test_resnet20_x1_and_x2_merge_at_every_width_spec(tmp_path):
         assert r.module(data[0]).shape == (8, 10)
 
 
+@pytest.mark.slow
 def test_depth_and_width_at_once_resnet26x2_resnet50x4(tmp_path):
     a, b = zoo.resnet26(width=2), zoo.resnet50_cifar(width=4)
     result = compile_merge(a, b, _data((8, 3, 32, 32), 2), method="zip", progress=False)
@@ -164,6 +166,7 @@ def test_depth_and_width_at_once_resnet26x2_resnet50x4(tmp_path):
     assert result.to_onnx(tmp_path / "m.onnx").max_abs_diff <= 1e-4
 
 
+@pytest.mark.slow
 def test_torchvision_resnet50_with_wide_resnet50_2(tmp_path):
     """Bottleneck inner widths differ (×2); residual widths agree. ``repair=False``: repaired
     BatchNorms of two unrelated random nets get variances down to ~0.02, which amplify float32
@@ -221,6 +224,7 @@ def test_rectangular_group_alignment_of_different_group_counts_is_exact():
     assert [s.width for s in up.report.spaces] == [3, 32, 32, 5]
 
 
+@pytest.mark.slow
 def test_grouped_conv_of_other_width_merges_and_other_counts_are_clear_errors(tmp_path):
     from test_lowering import GNNet
 

@@ -189,8 +189,13 @@ def plot_cka(C, path, *, labels_a=None, labels_b=None, alignment=None, title="")
 
     Example::
 
-        >>> plot_cka(torch.eye(3), "/tmp/cka.png")    # doctest: +SKIP
-        PosixPath('/tmp/cka.png')
+        >>> import tempfile
+        >>> from hmir.algorithms.alignment import align
+        >>> C = torch.tensor([[1.0, 0.2], [0.9, 0.3], [0.1, 1.0]])    # A has 3 units, B 2
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     path = plot_cka(C, f"{d}/cka.png", alignment=align(C.numpy(), "lma"))
+        ...     path.name, path.read_bytes()[1:4]
+        ('cka.png', b'PNG')
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

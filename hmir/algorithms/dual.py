@@ -19,10 +19,26 @@ similarity); it is the share of the activation term: 1 = activations only, 0 = w
 
 Example::
 
-    >>> run = dual_sweeps((ir_a, ir_b), pairs, corrs, todo, matches, solve,   # doctest: +SKIP
-    ...                   (state_a, state_b), alpha=0.5)
-    >>> run.sweeps, run.converged                                              # doctest: +SKIP
+    >>> from hmir.algorithms.matching import match_avg, match_permute
+    >>> from hmir.frontends import lower
+    >>> from hmir.harness import zoo
+    >>> from hmir.ir.pairing import pair_spaces
+    >>> _ = torch.manual_seed(0)
+    >>> a, b = zoo.mlp(4, (6,), 2), zoo.mlp(4, (6,), 2)
+    >>> perm = [2, 0, 5, 1, 4, 3]                    # B's hidden unit j is A's unit perm[j]
+    >>> b.load_state_dict({"1.weight": a[1].weight[perm], "1.bias": a[1].bias[perm],
+    ...                    "3.weight": a[3].weight[:, perm], "3.bias": a[3].bias})
+    <All keys matched successfully>
+    >>> irs = lower(a, torch.randn(2, 4)), lower(b, torch.randn(2, 4))
+    >>> pairs = pair_spaces(*irs)                    # input, hidden, output
+    >>> matches = [match_avg(4, 4), None, match_avg(2, 2)]       # the fixed spaces: identity
+    >>> run = dual_sweeps(irs, pairs, lambda k: torch.eye(12), [1], matches,
+    ...                   lambda k, sim: match_permute(sim, 6, 6),
+    ...                   (a.state_dict(), b.state_dict()), alpha=0.0)   # weights only
+    >>> run.sweeps, run.converged
     (2, True)
+    >>> [j - 6 for _, j in matches[1].groups]       # A's unit i has found B's unit perm⁻¹[i]
+    [1, 3, 0, 5, 4, 2]
 """
 from __future__ import annotations
 
@@ -135,7 +151,17 @@ def weight_similarity(basis: WeightBasis, k: int) -> torch.Tensor:
 
     Example::
 
-        >>> S = weight_similarity(WeightBasis((ir_a, ir_b), pairs, matches, states), 1)  # doctest: +SKIP
+        >>> from hmir.algorithms.matching import match_avg
+        >>> from hmir.frontends import lower
+        >>> from hmir.harness import zoo
+        >>> from hmir.ir.pairing import pair_spaces
+        >>> a = zoo.mlp(4, (6,), 2)
+        >>> ir = lower(a, torch.randn(2, 4))
+        >>> states = a.state_dict(), a.state_dict()                  # A merged with itself
+        >>> matches = [match_avg(4, 4), None, match_avg(2, 2)]
+        >>> S = weight_similarity(WeightBasis((ir, ir), pair_spaces(ir, ir), matches, states), 1)
+        >>> S.shape, torch.allclose(S[:6, 6:].diagonal(), torch.ones(6))
+        (torch.Size([12, 12]), True)
     """
     sa, sb = basis.irs[0].space(basis.pairs[k].a), basis.irs[1].space(basis.pairs[k].b)
     blocks = []

@@ -48,8 +48,15 @@ def group_scores(corrs: list[torch.Tensor], spaces_a: list[Space],
 
     Example::
 
-        >>> group_scores([corr], [sa], [sb]).shape        # doctest: +SKIP
-        torch.Size([4, 2])
+        >>> from hmir.algorithms.matching import correlation
+        >>> from hmir.ir import Space
+        >>> x = torch.randn(100, 8, dtype=torch.float64)
+        >>> feats = torch.cat([x, x[:, [4, 5, 0, 1]]], 1)   # B's 2 groups: A's groups 2 and 0
+        >>> corr = correlation(feats.mean(0), feats.T.cov())
+        >>> sa, sb = Space(0, "gn", 8, group_size=2), Space(0, "gn", 4, group_size=2)
+        >>> s = group_scores([corr], [sa], [sb])
+        >>> s.shape, s.argmax(0).tolist(), round(float(s[2, 0]), 6)
+        (torch.Size([4, 2]), [2, 0], 1.0)
     """
     ga, gb = spaces_a[0].groups, spaces_b[0].groups
     total = torch.zeros(ga, gb, dtype=torch.float64)
@@ -102,7 +109,17 @@ def match_groups_rect(corrs: list[torch.Tensor], spaces_a: list[Space], spaces_b
 
     Example::
 
-        >>> ms, assign = match_groups_rect([corr], [sa], [sb], [16])     # doctest: +SKIP
+        >>> from hmir.algorithms.matching import correlation
+        >>> from hmir.ir import Space
+        >>> x = torch.randn(100, 8, dtype=torch.float64)
+        >>> feats = torch.cat([x, x[:, [4, 5, 0, 1]]], 1)   # B's 2 groups: A's groups 2 and 0
+        >>> corr = correlation(feats.mean(0), feats.T.cov())
+        >>> sa, sb = Space(0, "gn", 8, group_size=2), Space(0, "gn", 4, group_size=2)
+        >>> ms, assign = match_groups_rect([corr], [sa], [sb], [8])   # merged width 8: A's
+        >>> assign                                # per A group, its B groups
+        [[1], [], [0], []]
+        >>> ms[0].groups                          # B's units are 8..11
+        [(0, 10), (1, 11), (2,), (3,), (4, 8), (5, 9), (6,), (7,)]
     """
     grouped_conv = [s.name for s in spaces_a + spaces_b if any(sl.grouped for sl in s.slices)]
     ga, gb = spaces_a[0].groups, spaces_b[0].groups

@@ -6,10 +6,25 @@ mean loss at evenly spaced λ and the barrier ``max_λ L(λ) − (L(0)+L(1))/2``
 
 Example::
 
-    >>> aligned = align_state(ir_a, ir_b, b.state_dict(), wm)       # hmir.passes.weight_match
-    >>> merged = interpolate(a.state_dict(), aligned, 0.5, layers=["layer1", "fc"])
+    >>> import tempfile, torch.nn as nn
+    >>> from hmir.frontends import lower
+    >>> from hmir.harness import zoo
+    >>> from hmir.ir.pairing import pair_spaces
+    >>> from hmir.passes.weight_match import align_state, weight_match
+    >>> a, b, x = zoo.mlp(4, (8,), 3), zoo.mlp(4, (16,), 3), torch.randn(32, 4)
+    >>> ir_a, ir_b = lower(a, x, "a"), lower(b, x, "b")
+    >>> wm = weight_match(ir_a, ir_b, pair_spaces(ir_a, ir_b), a.state_dict(), b.state_dict())
+    >>> aligned = align_state(ir_a, ir_b, b.state_dict(), wm)       # B's weights in A's shapes
+    >>> merged = interpolate(a.state_dict(), aligned, 0.5, layers=["1"])   # the first Linear only
+    >>> torch.equal(merged["3.weight"], a[3].weight), merged["1.weight"].shape
+    (True, torch.Size([8, 4]))
+    >>> batches = [(x, torch.randint(3, (32,)))]
     >>> path = loss_along_lambda(a, a.state_dict(), aligned, batches, nn.functional.cross_entropy)
-    >>> plot(path, "lmc.png")                                       # doctest: +SKIP
+    >>> len(path.losses), path.barrier >= 0
+    (21, True)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     plot(path, f"{d}/lmc.png").name
+    'lmc.png'
 """
 from __future__ import annotations
 
@@ -93,9 +108,14 @@ def loss_along_lambda(model_a: nn.Module, state_a: dict, aligned_b: dict, data: 
 
     Example::
 
-        >>> path = loss_along_lambda(a, a.state_dict(), aligned, [(x, y)], F.cross_entropy)
+        >>> import torch.nn as nn, torch.nn.functional as F
+        >>> a, b = nn.Linear(4, 3), nn.Linear(4, 3)     # B already in A's basis (same shapes)
+        >>> x, y = torch.randn(16, 4), torch.randint(3, (16,))
+        >>> path = loss_along_lambda(a, a.state_dict(), b.state_dict(), [(x, y)], F.cross_entropy)
         >>> len(path.losses), path.lambdas[10]
         (21, 0.5)
+        >>> path.losses[0] == F.cross_entropy(a(x), y).item()
+        True
     """
     if points < 2:
         raise MergeError(f"points must be at least 2, got {points}")

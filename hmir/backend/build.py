@@ -7,9 +7,16 @@ dims are rewritten to the new extents.
 
 Example::
 
-    >>> merged = emit(ir_a, state)                       # runs on the device/dtype of ``state``
-    >>> wide = emit(ir_a, wide_state, widths={3: 48})    # space 3 now has 48 units
-    >>> wide(x).shape
+    >>> from hmir.frontends import lower
+    >>> from hmir.harness import zoo
+    >>> a, b, x = zoo.mlp(4, (8,), 2), zoo.mlp(4, (16,), 2), torch.randn(3, 4)
+    >>> ir_a = lower(a, x)
+    >>> merged = emit(ir_a, a.state_dict())              # runs on the device/dtype of the state
+    >>> torch.equal(merged(x), a(x)), merged.training
+    (True, False)
+    >>> wide = emit(ir_a, b.state_dict(), widths={1: 16})     # space 1 now has 16 units
+    >>> wide(x).shape, torch.allclose(wide(x), b(x))          # A's graph at B's widths is B
+    (torch.Size([3, 2]), True)
 """
 from __future__ import annotations
 

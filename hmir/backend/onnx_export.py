@@ -6,11 +6,12 @@ onnxruntime on two batch sizes, comparing every output with the torch module.
 
 Example::
 
-    >>> import torch, torch.nn as nn
+    >>> import tempfile, torch.nn as nn
     >>> from hmir.backend.onnx_export import export_onnx
-    >>> res = export_onnx(nn.Linear(4, 2), torch.randn(2, 4), "/tmp/lin.onnx")
-    >>> res.max_abs_diff <= 1e-4
-    True
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     res = export_onnx(nn.Linear(4, 2), torch.randn(2, 4), f"{d}/lin.onnx")
+    >>> res.max_abs_diff <= 1e-4, res.opset >= 18, res.providers[-1]
+    (True, True, 'CPUExecutionProvider')
 """
 from __future__ import annotations
 
@@ -81,11 +82,12 @@ def export_onnx(
 
     Example::
 
-        >>> import torch, torch.nn as nn
+        >>> import tempfile
         >>> net = nn.Sequential(nn.Linear(8, 4), nn.ReLU())
-        >>> res = export_onnx(net, torch.randn(1, 8), "/tmp/net.onnx")
-        >>> res.path.name, res.max_abs_diff < 1e-4
-        ('net.onnx', True)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     res = export_onnx(net, torch.randn(1, 8), f"{d}/net.onnx")
+        ...     res.path.name, res.path.exists(), res.max_abs_diff < 1e-4
+        ('net.onnx', True, True)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,8 +157,12 @@ def _run_exporter(model: nn.Module, x: torch.Tensor, path: Path, opset: int | No
 
     Example::
 
-        >>> _run_exporter(nn.Linear(3, 1).eval(), torch.randn(2, 3), Path("/tmp/a.onnx"), None) > 0
-        True
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     seconds = _run_exporter(nn.Linear(3, 1).eval(), torch.randn(2, 3),
+        ...                             Path(d, "a.onnx"), None)
+        ...     seconds > 0, Path(d, "a.onnx").exists()
+        (True, True)
     """
     external = _param_bytes(model) > _EXTERNAL_DATA_BYTES
     chatter = io.StringIO()
@@ -185,7 +191,18 @@ def _check_file(path: Path) -> None:
 
     Example::
 
-        >>> _check_file(Path("/tmp/lin.onnx"))  # raises ExportError if invalid
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = Path(tmp.name, "relu.onnx")
+        >>> onnx.save(onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 18]>
+        ...     relu (float[batch, 4] x) => (float[batch, 4] y) { y = Relu(x) }'''), path)
+        >>> _check_file(path)                   # raises ExportError if invalid
+        >>> _ = path.write_bytes(b"not onnx")
+        >>> _check_file(path)
+        Traceback (most recent call last):
+            ...
+        hmir.errors.ExportError: ONNX file .../relu.onnx fails onnx.checker: ...
+        >>> tmp.cleanup()
     """
     try:
         onnx.checker.check_model(str(path), full_check=False)
@@ -198,8 +215,14 @@ def _opset_of(path: Path) -> int:
 
     Example::
 
-        >>> _opset_of(Path("/tmp/lin.onnx")) >= 18
-        True
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = Path(tmp.name, "relu.onnx")
+        >>> onnx.save(onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 18]>
+        ...     relu (float[batch, 4] x) => (float[batch, 4] y) { y = Relu(x) }'''), path)
+        >>> _opset_of(path)
+        18
+        >>> tmp.cleanup()
     """
     proto = onnx.load(str(path), load_external_data=False)
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
@@ -224,8 +247,14 @@ def _session(path: Path) -> ort.InferenceSession:
 
     Example::
 
-        >>> _session(Path("/tmp/lin.onnx")).get_inputs()[0].shape[0]
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = Path(tmp.name, "relu.onnx")
+        >>> onnx.save(onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 18]>
+        ...     relu (float[batch, 4] x) => (float[batch, 4] y) { y = Relu(x) }'''), path)
+        >>> _session(path).get_inputs()[0].shape[0]
         'batch'
+        >>> tmp.cleanup()
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -257,10 +286,16 @@ def _compare(session: ort.InferenceSession, model: nn.Module, x: torch.Tensor) -
 
     Example::
 
-        >>> m = nn.Linear(4, 2).eval()
-        >>> _ = _run_exporter(m, torch.randn(2, 4), Path("/tmp/l.onnx"), None)
-        >>> _compare(_session(Path("/tmp/l.onnx")), m, torch.randn(3, 4)) < 1e-5
-        True
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = Path(tmp.name, "relu.onnx")
+        >>> onnx.save(onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 18]>
+        ...     relu (float[batch, 4] x) => (float[batch, 4] y) { y = Relu(x) }'''), path)
+        >>> _compare(_session(path), nn.ReLU(), torch.randn(3, 4))
+        0.0
+        >>> _compare(_session(path), nn.Identity(), -torch.ones(3, 4))     # ReLU(-1) vs -1
+        1.0
+        >>> tmp.cleanup()
     """
     try:
         with torch.no_grad():

@@ -170,8 +170,14 @@ def resized_ir(ir: MergeIR, widths: dict[int, int]) -> MergeIR:
 
     Example::
 
-        >>> ir2 = resized_ir(ir, {3: 48})        # doctest: +SKIP
-        >>> verify(ir2, merged_state)            # doctest: +SKIP
+        >>> from hmir.frontends import lower
+        >>> from hmir.harness import zoo
+        >>> from hmir.ir.verify import verify
+        >>> ir = lower(zoo.mlp(4, (8,), 2), torch.randn(2, 4))
+        >>> ir2 = resized_ir(ir, {1: 16})
+        >>> [s.n for s in ir2.spaces], [s.n for s in ir.spaces]
+        ([4, 16, 2], [4, 8, 2])
+        >>> verify(ir2, zoo.mlp(4, (16,), 2).state_dict())    # a state of the new widths
     """
     n = new_widths(ir, widths)
     spaces = [_resized_space(s, n[s.id]) for s in ir.spaces]

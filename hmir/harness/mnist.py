@@ -188,11 +188,14 @@ def train_embedding_model(model: nn.Module, split: MNISTSplit, classes: Iterable
 
     Example::
 
-        >>> from hmir.harness.zoo import mnist_cnn
+        >>> import torch.nn as nn
         >>> s, E = load_mnist5k(), class_embeddings(32)
-        >>> m = train_embedding_model(mnist_cnn(num_outputs=32), s, (0, 1), E, epochs=1)
-        >>> m.training
-        False
+        >>> linear = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 32))   # any embedding model
+        >>> m = train_embedding_model(linear, s, (0, 1), E, epochs=1)      # e.g. zoo.mnist_cnn
+        >>> m is linear, m.training
+        (True, False)
+        >>> evaluate(m, s, E, (0, 1), (2, 3))["task_a"] > 0.9             # 0 vs 1 is learnt
+        True
     """
     cls = _check_classes(classes)
     torch.manual_seed(seed)
@@ -249,11 +252,12 @@ def evaluate(model: nn.Module, split: MNISTSplit, E: torch.Tensor, task_a: Seque
 
     Example::
 
-        >>> from hmir.harness.zoo import mnist_cnn
+        >>> import torch.nn as nn
         >>> s, E = load_mnist5k(), class_embeddings(32)
-        >>> r = evaluate(mnist_cnn(num_outputs=32), s, E, *task_split(0))
-        >>> sorted(r)
-        ['avg', 'joint', 'task_a', 'task_b']
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 32)).train()
+        >>> r = evaluate(model, s, E, *task_split(0))
+        >>> sorted(r), model.training
+        (['avg', 'joint', 'task_a', 'task_b'], True)
     """
     task_a, task_b = _check_classes(task_a), _check_classes(task_b)
     flags = [(m, m.training) for m in model.modules()]

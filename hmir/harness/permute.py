@@ -5,9 +5,21 @@ that is the frontend's proof of correctness (design property 1).
 
 Example::
 
+    >>> import copy
+    >>> from hmir.frontends import lower
+    >>> from hmir.harness import zoo
+    >>> model, x = zoo.cifar_resnet((1, 1, 1)).eval(), torch.randn(2, 3, 8, 8)   # residual joins
+    >>> ir = lower(model, x)
     >>> perms = random_permutation(ir, seed=0)
+    >>> sorted(perms) == [s.id for s in ir.free_spaces]
+    True
     >>> state = permute_state(ir, model.state_dict(), perms)
-    >>> model_p = copy.deepcopy(model); model_p.load_state_dict(state)   # same outputs
+    >>> model_p = copy.deepcopy(model); model_p.load_state_dict(state)
+    <All keys matched successfully>
+    >>> torch.equal(state["stem.0.weight"], model.state_dict()["stem.0.weight"])
+    False
+    >>> torch.allclose(model_p(x), model(x), atol=1e-5)      # same outputs
+    True
 """
 from __future__ import annotations
 

@@ -13,7 +13,17 @@ Example::
     >>> ir = lower(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 4))
     >>> [s.width for s in ir.spaces]
     [4, 8, 2]
-    >>> print(ir)            # doctest: +SKIP
+    >>> [s.fixed for s in ir.spaces], ir.free_spaces[0].producers()[0]
+    ([True, False, True],
+     Slice(param='0.weight', dim=0, space=1, role='out', offset=0, inner=1, outer=1, grouped=False))
+    >>> print(ir)            # the printer's text form (hmir.ir.printer)
+    MergeIR 'model' (fx): 3 spaces, 2 fixed
+    ...
+      %1 _0  width 8
+          out 0.weight[0]  0.bias[0]
+          in  2.weight[1]
+          observe _1@1
+    ...
 """
 from __future__ import annotations
 

@@ -2,13 +2,22 @@
 
 Example::
 
-    >>> print(format_ir(ir))                                  # doctest: +SKIP
-    MergeIR 'model a' (fx): 5 spaces, 2 fixed
-      %0 input:x:1  width 3  FIXED (model input)
-      %1 conv1      width 16
-          out conv1.weight[0]  bn1.weight[0] ...
-          in  layer1.0.conv1.weight[1] ...
-          observe relu@1
+    >>> import torch.nn as nn
+    >>> from hmir.frontends import lower
+    >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(),
+    ...                     nn.Linear(16 * 2 * 2, 10))
+    >>> ir = lower(net, torch.randn(2, 3, 4, 4), name="model a")
+    >>> print(format_ir(ir))
+    MergeIR 'model a' (fx): 3 spaces, 2 fixed
+      %0 input:_0:1  width 3  FIXED (model input)
+          in  0.weight[1]
+      %1 _0  width 16
+          out 0.weight[0]  0.bias[0]  1.weight[0]  1.bias[0]  1.running_mean[0]  1.running_var[0]
+          in  4.weight[1](×4)
+          observe _2@1
+      %2 _4  width 10  FIXED (model output)
+          out 4.weight[0]  4.bias[0]
+      no feature dim: 1.num_batches_tracked
 """
 from __future__ import annotations
 

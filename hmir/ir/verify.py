@@ -2,7 +2,16 @@
 
 Example::
 
+    >>> import torch.nn as nn
+    >>> from hmir.frontends import lower
+    >>> ir = lower(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 4))
     >>> verify(ir)          # raises VerificationError naming the first broken invariant
+    >>> verify(ir, {**ir.graph_module.state_dict(), "extra": torch.zeros(3)})
+    Traceback (most recent call last):
+        ...
+    hmir.errors.VerificationError: model: the merge IR is inconsistent:
+      - parameter 'extra' is not covered by any op rule (is it used through an op hmir does
+        not understand?)
 """
 from __future__ import annotations
 
