@@ -127,6 +127,8 @@ def expand_grouped(t: torch.Tensor, sl: Slice, n_in: int, k_in: int) -> torch.Te
 
 
 def compress_grouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """Dense block-diagonal (out, n_in, ...) weight → grouped (out, n_in / groups, ...): the inverse
+    of :func:`expand_grouped` (entries off the diagonal blocks are dropped)."""
     rows, n_in = dense.shape[:2]
     k_out, k_in = rows // groups, n_in // groups
     parts = [dense[g * k_out:(g + 1) * k_out, g * k_in:(g + 1) * k_in] for g in range(groups)]
