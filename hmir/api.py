@@ -116,17 +116,18 @@ def run_pipeline(a: nn.Module, b: nn.Module, data, *, method: str = "zip", depth
                  progress: bool = True, names: tuple[str, str] = ("model a", "model b"),
                  frontend: str = "auto", verify: bool | None = None,
                  passes: list[str] | None = None, stop_after: str | None = None,
-                 **params) -> MergeState:
+                 keep: tuple[str, ...] = (), **params) -> MergeState:
     """The merge state after running ``passes`` (default: the method's pipeline) up to
     ``stop_after``; the options are :func:`compile_merge`'s. ``hmir.list_passes()`` names the
-    registered passes."""
+    registered passes. The statistics are released once no later pass needs them
+    (``keep=("stats",)`` keeps them for inspection)."""
     state = prepare(a, b, data, method=method, depth=depth, width=width, repair=repair,
                     max_batches=max_batches, progress=progress, names=names, frontend=frontend,
                     **params)
     if verify is None:
         verify = os.environ.get("HMIR_VERIFY", "") not in ("", "0")
     return run_passes(state, list(passes or state.method.passes), verify=verify,
-                      stop_after=stop_after)
+                      stop_after=stop_after, keep=keep)
 
 
 def prepare(a, b, data, *, method="zip", depth="lma", width=None, repair=True, max_batches=None,

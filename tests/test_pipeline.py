@@ -54,6 +54,9 @@ def test_stop_after_match_exposes_the_matches(pair20):
     a, b = pair20
     st = run_pipeline(a, b, _data(), stop_after="match", progress=False)
     assert st.module is None and st.merged is None
+    assert st.stats == {}                  # released: no later pass needs them
+    kept = run_pipeline(a, b, _data(), stop_after="match", keep=("stats",), progress=False)
+    assert len(kept.stats) == sum(1 for p in kept.pairs if p.points)
     assert len(st.matches) == len(st.pairs) and st.structure == "same"
     assert [p for p, s in st.report.passes] == ["lower", "structure", "align_depth", "pair",
                                                 "observe", "match"]

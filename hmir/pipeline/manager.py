@@ -105,21 +105,31 @@ def check_pipeline(names: list[str]) -> list[Pass]:
     return passes
 
 
+RELEASED = {"stats": {}, "merged": None}   # large fields dropped once no later pass requires them
+
+
 def run_passes(state: MergeState, names: list[str], *, verify: bool = False,
-               stop_after: str | None = None) -> MergeState:
+               stop_after: str | None = None, keep: tuple[str, ...] = ()) -> MergeState:
     """Run the passes ``names`` in order on ``state``; returns the final state.
 
-    ``stop_after``: the name of the last pass to run (to inspect, e.g., the matches).
+    ``stop_after``: the name of the last pass to run (to inspect, e.g., the matches). The
+    statistics (O(width²) per space) and the merged state dict (held by the module once emitted)
+    are released as soon as no later pass of ``names``
+    requires them, unless ``keep`` names them.
     """
     passes = check_pipeline(names)
     if stop_after is not None and stop_after not in names:
         raise MergeError(f"stop_after={stop_after!r} is not in the pipeline {names}")
-    for p in passes:
+    for k, p in enumerate(passes):
         why = p.skip(state)
         if why is not None:
             state.report.passes.append((p.name, f"skipped: {why}"))
         else:
             state = _run_one(p, state, verify)
+        later = {f for q in passes[k + 1:] for f in q.requires}
+        drop = {f: v for f, v in RELEASED.items() if f not in later and f not in keep}
+        if drop:
+            state = replace(state, **drop)
         if p.name == stop_after:
             break
     return state
