@@ -40,7 +40,7 @@ from hmir.algorithms.dual import check_similarity_alpha, dual_sweeps
 from hmir.errors import MergeError
 from hmir.algorithms.groups import match_groups_rect
 from hmir.ir import MergeIR, Space
-from hmir.algorithms.matching import Match, _build, match_avg, match_keep, match_permute, match_zip
+from hmir.algorithms.matching import Match, _build, match_avg, match_keep
 from hmir.ir.pairing import SpacePair, absent_pair  # noqa: F401  (absent_pair lived here)
 from hmir.passes.observe import SpaceStats
 from hmir.pipeline.manager import Out, Pass, register_pass

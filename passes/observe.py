@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from hmir.errors import CalibrationError
 from hmir.ir.modes import eval_mode
 from hmir.ir import MergeIR, ObsPoint
-from hmir.ir.pairing import SpacePair, absent_pair  # noqa: F401  (SpacePair lived here)
+from hmir.ir.pairing import SpacePair  # noqa: F401  (re-exported: it lived here)
+from hmir.ir.pairing import absent_pair
 from hmir.algorithms.matching import correlation_rows
 from hmir.ir.zeros import ZeroSkipping
 from hmir.pipeline.manager import Out, Pass, register_pass
