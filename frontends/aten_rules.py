@@ -41,11 +41,14 @@ class AVal(Val):
     """A :class:`~hmir.frontends.builder.Val` with heads and, for views of a parameter, ``pdims``.
 
     ``pdims`` maps a dim of the value to the dim of parameter ``param`` it shows (an
-    ``expand`` of a class token keeps its parameter, at shifted dims).
+    ``expand`` of a class token keeps its parameter, at shifted dims). ``index`` marks a value
+    computed only from shapes, constants and integer inputs (masks, position ids, rotary
+    tables): it carries no feature space, whatever ops computed it.
     """
 
     heads: dict[int, Head] = field(default_factory=dict)
     pdims: dict[int, int] | None = None
+    index: bool = False
 
 
 def sym_shape(node) -> tuple | None:

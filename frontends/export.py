@@ -100,6 +100,7 @@ def export_graph(model: nn.Module, example: torch.Tensor, name: str = "model") -
     A failure raises :class:`~hmir.errors.TraceError` naming the model's source line.
     """
     m = copy.deepcopy(model)
+    _no_generation_cache(m)
     dyn = ({0: torch.export.Dim("batch")},)
     try:
         with eval_mode(m):
@@ -115,6 +116,14 @@ def export_graph(model: nn.Module, example: torch.Tensor, name: str = "model") -
     gm = fx.GraphModule(gm, gm.graph, type(model).__name__)
     _hoist_shape_nodes(gm)
     return gm
+
+
+def _no_generation_cache(model: nn.Module) -> None:
+    """A Hugging Face decoder returns its key/value cache (not a tensor) unless
+    ``config.use_cache`` is False: turn it off on hmir's copy, which only computes outputs."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "use_cache", False):
+        cfg.use_cache = False
 
 
 def _hoist_shape_nodes(gm: fx.GraphModule) -> None:
@@ -192,18 +201,47 @@ def _shape(node: fx.Node):
     return tuple(int(s) for s in tm.shape) if hasattr(tm, "shape") else None
 
 
+def _index_only(b: ExportBuilder, node: fx.Node) -> bool:
+    """Computed only from index values (or from no tensor at all): carries no feature space.
+
+    Dataflow, not an op list: mask builders, position ids, rotary tables and bucket
+    computations use many ops (diff, index, cos, cumsum...) but never read a feature tensor.
+    """
+    tensors = [v for v in (b.values.get(n) for n in node.all_input_nodes) if isinstance(v, AVal)]
+    if tensors:
+        return all(v.index for v in tensors)
+    return node.target is not torch.ops.aten.sym_size.int and _shape(node) is not None \
+        or isinstance(node.meta.get("tensor_meta"), (tuple, list))
+
+
+def _index_value(b: ExportBuilder, node: fx.Node) -> AVal:
+    for n in node.all_input_nodes:          # an integer buffer read only here: declared
+        v = b.values.get(n)
+        if isinstance(v, AVal) and v.param is not None:
+            b.declare(v.param, reason="read only by index computation (no feature dim)")
+    return AVal(_shape(node) or (), index=True)
+
+
 def _lower_node(b: ExportBuilder, node: fx.Node, state: dict, lookup):
     if node.op == "placeholder":
-        shape = _shape(node)
-        return AVal(shape, raw=True) if shape is not None else None
+        shape, tm = _shape(node), node.meta.get("tensor_meta")
+        if shape is None:
+            return None
+        return AVal(shape, index=True) if not tm.dtype.is_floating_point else AVal(shape, raw=True)
     if node.op == "get_attr":
         shape = _shape(node)
-        return AVal(shape, param=node.target if node.target in state else None) if shape else None
+        if shape is None:
+            return None
+        if node.target not in state:                  # a constant (non-persistent buffer)
+            return AVal(shape, index=True)
+        return AVal(shape, param=node.target, index=not state[node.target].is_floating_point())
     if node.op == "output":
         _fix_outputs(b, node)
         return None
     if node.op == "call_module":          # torch.export's shape guards: no tensors
         return None
+    if _index_only(b, node):
+        return _index_value(b, node)
     rule = lookup(node.target)
     if rule is None:
         raise node_error(UnsupportedOpError, b.model_name, node,
