@@ -20,6 +20,7 @@ import operator
 import torch
 
 from hmir.errors import HMIRError
+from hmir.frontends.aten_fused_rules import FUSED_RULES
 from hmir.frontends.aten_param_rules import Conv, Embedding, Linear, Norm
 from hmir.frontends.aten_rules import (ACat, APointwise, Expand, Featureless, NoHeads, Select,
                                        SliceRule)
@@ -69,6 +70,7 @@ ATEN_RULES: dict[object, object] = {
     **{getattr(aten, n): AReshape(sizes_arg=None) for n in ("flatten", "unsqueeze", "squeeze")},
     **{getattr(aten, n): APermute() for n in ("permute", "transpose", "t")},
     aten.scaled_dot_product_attention: Attention(),
+    **FUSED_RULES,
     aten.sym_size: META,
     aten.sym_numel: META,
     aten._assert_tensor_metadata: META,

@@ -14,7 +14,8 @@ import torch.fx as fx
 from networkx.utils import UnionFind
 
 from hmir.errors import LoweringError
-from hmir.ir import MergeIR, ObsPoint, Segment, Slice, Space
+from hmir.ir import MergeIR, ObsPoint, Segment, Slice, Space, SpaceView
+from hmir.ir.parts import cuts_and_pins, make_parts, restrict
 
 
 @dataclass
@@ -44,6 +45,8 @@ class _RawSpace:
     name: str
     fixed: str = ""
     group_size: int = 1
+    cuts: set = field(default_factory=set)
+    pins: list = field(default_factory=list)
 
 
 class Builder:
@@ -55,6 +58,7 @@ class Builder:
         self.raw: list[_RawSpace] = []
         self.uf = UnionFind()
         self.group_links: list[tuple[int, int]] = []
+        self.views: list[tuple[int, SpaceView]] = []
         self.slices: list[Slice] = []
         self.points: list[tuple[int, ObsPoint]] = []
         self.joins: list[tuple[int, str]] = []
@@ -152,6 +156,19 @@ class Builder:
             self.fail(f"space '{rs.name}' would need groups of both {rs.group_size} and {size}")
         rs.group_size = size
 
+    def cut(self, sid: int, *positions: int) -> None:
+        """Units of each group of ``sid`` never move across these positions (a head sliced)."""
+        self.raw[sid].cuts.update(positions)
+
+    def pin(self, sid: int, lo: int, hi: int) -> None:
+        """Units ``lo..hi`` of each group of ``sid`` never move (rotary position embedding)."""
+        self.raw[sid].pins.append((lo, hi))
+
+    def view(self, sid: int, base: int, rep: int = 1, lo: int = 0) -> None:
+        """``sid`` permutes as a view of ``base`` (see :class:`~hmir.ir.parts.SpaceView`)."""
+        self.views.append((sid, SpaceView(base, rep, lo)))
+        self.group_links.append((sid, base))
+
     def fix(self, sid: int, reason: str) -> None:
         self.raw[sid].fixed = self.raw[sid].fixed or reason
 
@@ -189,6 +206,7 @@ class Builder:
             if node not in spaces[remap[sid]].joins:
                 spaces[remap[sid]].joins.append(node)
         self._assign_group_classes(spaces, remap)
+        self._within_structure(spaces, members, remap)
         dims = {p: tuple(sorted(d)) for p, d in self.param_dims.items()}
         ir = MergeIR(self.model_name, self.gm, spaces, dims, dict(self.unsliced), frontend)
         ir.meta["axes"] = self._node_axes(remap)
@@ -212,6 +230,32 @@ class Builder:
             self.fail(f"space '{members[0].name}' joins incompatible group sizes "
                       f"{sorted({m.group_size for m in members})}")
         return Space(k, members[0].name, sympy.Integer(members[0].width), bool(fixed), fixed, gsize)
+
+    def _within_structure(self, spaces: list[Space], members: dict, remap: dict) -> None:
+        """Parts of every space from its members' cuts and pins; views share parts with bases."""
+        cuts = {s.id: set() for s in spaces}
+        pins = {s.id: [] for s in spaces}
+        for r, ids in members.items():
+            for i in ids:
+                cuts[remap[i]] |= self.raw[i].cuts
+                pins[remap[i]] += self.raw[i].pins
+        views = [(remap[sid], replace(v, base=remap[v.base])) for sid, v in self.views]
+        for _ in range(2):                   # parts flow base -> view and view -> base
+            for sid, v in views:
+                k = spaces[sid].group_size
+                cuts[v.base] |= {v.lo, v.lo + k} | {c + v.lo for c in cuts[sid]}
+                pins[v.base] += [(a + v.lo, b + v.lo) for a, b in pins[sid]]
+                base = make_parts(spaces[v.base].group_size, cuts[v.base], pins[v.base])
+                c, p = cuts_and_pins(restrict(base, spaces[v.base].group_size, v.lo, v.lo + k))
+                cuts[sid] |= c
+                pins[sid] += p
+        for s in spaces:
+            s.parts = make_parts(s.group_size, cuts[s.id], pins[s.id])
+        for sid, v in views:
+            if spaces[sid].view not in (None, v):
+                self.node = None
+                self.fail(f"space '{spaces[sid].name}' is a view of two different spaces")
+            spaces[sid].view = v
 
     def _assign_group_classes(self, spaces: list[Space], remap: dict[int, int]) -> None:
         guf = UnionFind(range(len(spaces)))

@@ -26,24 +26,38 @@ from __future__ import annotations
 import torch
 
 from hmir.ir import MergeIR, Slice
+from hmir.ir.parts import within_perm
 from hmir.ir.slicing import slice_index
 
 
 def random_permutation(ir: MergeIR, seed: int = 0) -> dict[int, torch.Tensor]:
     """A random permutation of every free space, respecting group structure.
 
-    Spaces of one group class share the permutation of whole groups; units are permuted
-    freely within each group. Returns ``{space id: perm}`` with ``new[i] = old[perm[i]]``.
+    Spaces of one group class share the permutation of whole groups; units move within
+    their group's free parts (:mod:`hmir.ir.parts`); a view moves as its base, its copies
+    in one shared random order per class group. Returns ``{space id: perm}`` with
+    ``new[i] = old[perm[i]]``.
     """
     g = torch.Generator().manual_seed(seed)
     sigma: dict[int, torch.Tensor] = {}
+    tau: dict[tuple[int, int], torch.Tensor] = {}
+    within: dict[int, torch.Tensor] = {}
     perms = {}
-    for s in ir.free_spaces:
-        if s.group_class not in sigma:
-            sigma[s.group_class] = torch.randperm(s.groups, generator=g)
-        k = s.group_size
-        within = torch.stack([torch.randperm(k, generator=g) for _ in range(s.groups)])
-        perms[s.id] = (sigma[s.group_class].view(-1, 1) * k + within).flatten()
+    for s in sorted(ir.free_spaces, key=lambda s: s.view is not None):
+        cls, k = s.group_class, s.group_size
+        if cls not in sigma:
+            sigma[cls] = torch.randperm(s.class_groups, generator=g)
+        if s.view is None:
+            within[s.id] = torch.stack([within_perm(s.parts, g, k) for _ in range(s.groups)])
+            perms[s.id] = (sigma[cls].view(-1, 1) * k + within[s.id]).flatten()
+            continue
+        v = s.view
+        if (cls, v.rep) not in tau:
+            tau[cls, v.rep] = torch.stack([torch.randperm(v.rep, generator=g)
+                                           for _ in range(s.class_groups)])
+        old_group = sigma[cls].view(-1, 1) * v.rep + tau[cls, v.rep]          # (G, rep)
+        unit = within[v.base][:, v.lo:v.lo + k] - v.lo                        # (G, k)
+        perms[s.id] = (old_group.unsqueeze(-1) * k + unit.unsqueeze(1)).flatten()
     return perms
 
 

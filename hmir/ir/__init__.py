@@ -9,5 +9,6 @@ Example::
     'hmir.ir.core'
 """
 from hmir.ir.core import Axis, MergeIR, ObsPoint, Segment, Slice, Space  # noqa: F401
+from hmir.ir.parts import SpaceView  # noqa: F401
 
-__all__ = ["Axis", "MergeIR", "ObsPoint", "Segment", "Slice", "Space"]
+__all__ = ["Axis", "MergeIR", "ObsPoint", "Segment", "Slice", "Space", "SpaceView"]

@@ -33,6 +33,8 @@ from typing import Any
 import sympy
 import torch.fx as fx
 
+from hmir.ir.parts import SpaceView
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -77,7 +79,11 @@ class ObsPoint:
 
 @dataclass
 class Space:
-    """One permutation group. ``width`` is a sympy expression; ``group_size`` units per group."""
+    """One permutation group. ``width`` is a sympy expression; ``group_size`` units per group.
+
+    ``parts`` and ``view`` restrict how units move inside a group (pinned rotary units,
+    grouped-query heads, fused q|k|v heads): see :mod:`hmir.ir.parts`.
+    """
 
     id: int
     name: str
@@ -86,6 +92,8 @@ class Space:
     fixed_reason: str = ""
     group_size: int = 1
     group_class: int = -1
+    parts: tuple = ()
+    view: SpaceView | None = None
     slices: list[Slice] = field(default_factory=list)
     points: list[ObsPoint] = field(default_factory=list)
     joins: list[str] = field(default_factory=list)
@@ -98,6 +106,11 @@ class Space:
     @property
     def groups(self) -> int:
         return self.n // self.group_size
+
+    @property
+    def class_groups(self) -> int:
+        """Groups as the group class counts them (a view's ``rep`` copies count once)."""
+        return self.groups // (self.view.rep if self.view else 1)
 
     def producers(self) -> list[Slice]:
         return [s for s in self.slices if s.role == "out"]

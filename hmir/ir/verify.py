@@ -30,7 +30,8 @@ def verify(ir: MergeIR, state: dict[str, torch.Tensor] | None = None) -> None:
     - every tensor of the state is either sliced on its feature dims or declared unsliced;
     - along each feature dim, the slices cover every index exactly once;
     - every free space has a producer and an observation point;
-    - spaces linked in one group class have the same number of groups.
+    - spaces linked in one group class have the same number of (class) groups;
+    - parts cover each group; a view matches its base's group size, parts and class.
     """
     state = ir.graph_module.state_dict() if state is None else state
     problems: list[str] = []
@@ -92,7 +93,8 @@ def _check_spaces(ir: MergeIR) -> list[str]:
     out = []
     classes = defaultdict(set)
     for s in ir.spaces:
-        classes[s.group_class].add(s.groups)
+        classes[s.group_class].add(s.class_groups)
+        out += _check_within(ir, s)
         if s.fixed:
             continue
         if not s.producers():
@@ -102,4 +104,28 @@ def _check_spaces(ir: MergeIR) -> list[str]:
     for c, counts in classes.items():
         if len(counts) > 1:
             out.append(f"group class %{c} links spaces with different group counts {sorted(counts)}")
+    return out
+
+
+def _check_within(ir: MergeIR, s) -> list[str]:
+    from hmir.ir.parts import full, restrict
+
+    out = []
+    if s.parts and (s.parts[0][0] != 0 or s.parts[-1][1] != s.group_size or any(
+            a[1] != b[0] for a, b in zip(s.parts, s.parts[1:]))):
+        out.append(f"space '{s.name}': parts {s.parts} do not cover its groups of {s.group_size}")
+    v = s.view
+    if v is None:
+        return out
+    base = ir.space(v.base)
+    if s.groups % v.rep or base.class_groups != s.class_groups or base.group_class != s.group_class:
+        out.append(f"space '{s.name}' views '{base.name}' with {v.rep} copies per group but their "
+                   f"groups ({s.groups} vs {base.groups}) or group classes differ")
+        return out
+    edges = {lo for lo, _, _ in full(base.parts, base.group_size)} | {base.group_size}
+    hi = v.lo + s.group_size
+    if hi > base.group_size or not {v.lo, hi} <= edges or \
+            restrict(base.parts, base.group_size, v.lo, hi) != s.parts:
+        out.append(f"space '{s.name}' views units {v.lo}.. of '{base.name}' whose parts "
+                   f"{base.parts} do not match its own {s.parts}")
     return out
