@@ -29,11 +29,33 @@ from hmir.ir import Segment
 
 @dataclass(frozen=True)
 class Head:
-    """Dim ``d`` holds the units of each head of ``space``; ``merged``: the head dim is B·H."""
+    """Dim ``d`` holds the units of each head of ``space``; ``merged``: the head dim is B·H.
+
+    ``lo``/``hi``: the dim shows units ``lo..hi`` of each head (``hi`` None: to the end; a
+    slice of a head, as partial rotary or a fused q|k|v head makes). ``rep``: each head of
+    ``space`` appears ``rep`` times in a row along the head dim (``repeat_kv``).
+    """
 
     d: int | None
     space: int
     merged: bool = False
+    lo: int = 0
+    hi: int | None = None
+    rep: int = 1
+
+    def units(self, shape) -> tuple[int, int]:
+        """The head units the value shows: ``(lo, hi)`` with ``hi`` resolved from ``shape``."""
+        return self.lo, self.lo + int(shape[self.d]) if self.hi is None else self.hi
+
+    def whole(self, b) -> bool:
+        """Whether the value shows every unit of each head."""
+        return self.lo == 0 and (self.hi is None or self.hi == group_size(b, self.space))
+
+
+def group_size(b, sid: int) -> int:
+    """The group size of ``sid`` as the builder knows it so far (over its union)."""
+    root = b.uf[sid]
+    return max(b.raw[i].group_size for i in range(len(b.raw)) if b.uf[i] == root)
 
 
 @dataclass
@@ -43,12 +65,14 @@ class AVal(Val):
     ``pdims`` maps a dim of the value to the dim of parameter ``param`` it shows (an
     ``expand`` of a class token keeps its parameter, at shifted dims). ``index`` marks a value
     computed only from shapes, constants and integer inputs (masks, position ids, rotary
-    tables): it carries no feature space, whatever ops computed it.
+    tables): it carries no feature space, whatever ops computed it. ``copies``: dims an
+    ``expand`` broadcast from size 1 (every entry along them is the same).
     """
 
     heads: dict[int, Head] = field(default_factory=dict)
     pdims: dict[int, int] | None = None
     index: bool = False
+    copies: frozenset = frozenset()
 
 
 def sym_shape(node) -> tuple | None:
@@ -106,7 +130,11 @@ class NoHeads:
 
 @dataclass(frozen=True)
 class APointwise(Pointwise):
-    """Elementwise ops: features join as in :class:`Pointwise`; heads pass through and join."""
+    """Elementwise ops: features join as in :class:`Pointwise`; heads pass through and join.
+
+    A constant (an index value: rotary cos/sin tables) that varies along the units of a head
+    pins those units (:meth:`~hmir.frontends.builder.Builder.pin`): they must keep their place.
+    """
 
     name: str = "pointwise"
 
@@ -119,18 +147,30 @@ class APointwise(Pointwise):
             for h, hd in heads_of(op).items():
                 new = replace(hd, d=None if hd.d is None else hd.d + shift)
                 old = heads.setdefault(h + shift, new)
-                if old.d != new.d or old.merged != new.merged:
+                if (old.d, old.merged, old.rep) != (new.d, new.merged, new.rep) or \
+                        old.units(out) != new.units(out):
                     ctx.b.fail(f"combines two tensors whose heads are laid out differently")
                 ctx.b.union(old.space, new.space)
-        dims = set(heads) | {hd.d for hd in heads.values() if hd.d is not None}
         for op in ops:
-            shift = len(out) - op.ndim
-            for d in dims:
-                if d - shift >= 0 and op.shape[d - shift] > 1 and not _carries(op, d - shift):
-                    ctx.b.fail(f"combines attention heads with a tensor of shape {op.shape} that is "
-                               f"not split into the same heads (dim {d - shift})")
+            self._constant(ctx, op, heads, len(out) - op.ndim)
         v.heads = heads
+        if len(ops) == 1:
+            v.copies = getattr(ops[0], "copies", frozenset())
         return v
+
+    @staticmethod
+    def _constant(ctx: ACtx, op, heads: dict[int, Head], shift: int) -> None:
+        for h, hd in heads.items():
+            for d, what in ((h, "head"), (hd.d, "units")):
+                if d is None or d - shift < 0 or op.shape[d - shift] == 1 or _carries(op, d - shift):
+                    continue
+                if what == "units" and getattr(op, "index", False):
+                    ctx.b.pin(hd.space, *hd.units(ctx.out_shape()))
+                    continue
+                ctx.b.fail(f"combines attention heads with a tensor of shape {op.shape} that is "
+                           f"not split into the same heads (dim {d - shift})" +
+                           (": a constant per head cannot follow a permutation of heads"
+                            if getattr(op, "index", False) else ""))
 
 
 def _carries(v, d: int) -> bool:
@@ -177,6 +217,8 @@ class Expand:
             pdims = {d + shift: p for d, p in base.items()}
         v = ctx.emit(axes, raw=x.raw, sources=(x,), heads=heads, pdims=pdims)
         v.param = x.param
+        ins = (1,) * shift + tuple(x.shape)
+        v.copies = frozenset(d for d, (i, o) in enumerate(zip(ins, v.shape)) if i == 1 and o > 1)
         return v
 
 
@@ -210,16 +252,30 @@ class Select:
 
 @dataclass(frozen=True)
 class SliceRule:
-    """aten.slice(x, dim, start, end): a featureless dim, or a whole feature dim."""
+    """aten.slice(x, dim, start, end): a featureless dim, a whole feature dim, or a run of the
+    units of every head (cuts the heads there: units never move across the cut)."""
 
     name: str = "slice"
 
     def apply(self, ctx: ACtx):
         x = ctx.first()
         dim = ctx.arg(1, "dim", 0) % x.ndim
-        if (dim in x.axes or _carries(x, dim)) and ctx.out_shape()[dim] != x.shape[dim]:
+        heads = dict(heads_of(x))
+        n, m = x.shape[dim], ctx.out_shape()[dim]
+        unit_of = {hd.d: h for h, hd in heads.items()}
+        if dim in unit_of and m != n:
+            h = unit_of[dim]
+            start = ctx.arg(2, "start", 0) or 0
+            start = max(0, min(n, start + n if start < 0 else start))
+            if ctx.arg(4, "step", 1) != 1:
+                ctx.b.fail("slices the units of attention heads with a step; only runs of units "
+                           "can be merged")
+            lo, _ = heads[h].units(x.shape)
+            heads[h] = replace(heads[h], lo=lo + start, hi=lo + start + m)
+            ctx.b.cut(heads[h].space, lo + start, lo + start + m)
+        elif (dim in x.axes or _carries(x, dim)) and m != n:
             ctx.b.fail(f"slices part of feature dim {dim}; only whole features can be merged")
-        return ctx.emit(dict(x.axes), raw=x.raw, sources=(x,), heads=dict(heads_of(x)))
+        return ctx.emit(dict(x.axes), raw=x.raw, sources=(x,), heads=heads)
 
 
 @dataclass(frozen=True)
@@ -232,9 +288,11 @@ class ACat:
     def apply(self, ctx: ACtx):
         b = ctx.b
         tensors = [ctx.val(t) for t in ctx.arg(0, "tensors")]
-        if any(t is None or heads_of(t) for t in tensors):
-            b.fail("concatenates something that is not a plain tensor value")
+        if any(t is None for t in tensors):
+            b.fail("concatenates something that is not a tensor value")
         dim = ctx.arg(1, "dim", 0) % tensors[0].ndim
+        if any(heads_of(t) for t in tensors):
+            return cat_heads(ctx, tensors, dim)
         axes: dict[int, tuple] = {}
         if any(dim in t.axes for t in tensors):
             parts = [b.axis_of(t, dim, "this concat") for t in tensors]
@@ -253,3 +311,31 @@ class ACat:
                     b.axis_slices(t.param, (t.pdims or {}).get(d, d), axis, "out")
             axes[d] = axis
         return ctx.emit(axes, raw=all(t.raw for t in tensors), sources=tuple(tensors))
+
+
+def cat_heads(ctx: ACtx, tensors: list, dim: int):
+    """Concatenate runs of head units along their units dim (``rotate_half``, partial rotary).
+
+    Runs laid end to end in order give their union; any other order (``cat(-x2, x1)``) pins
+    the units involved, which then never move, so the order no longer matters.
+    """
+    b, first = ctx.b, heads_of(tensors[0])
+    keys = [{h: (hd.d, hd.merged, hd.rep) for h, hd in heads_of(t).items()} for t in tensors]
+    if any(k != keys[0] for k in keys) or any(t.axes for t in tensors):
+        b.fail("concatenates tensors whose attention heads are laid out differently")
+    h = next((h for h, hd in first.items() if hd.d == dim), None)
+    if h is None:
+        b.fail(f"concatenates attention heads along dim {dim}, which is not the units of a head")
+    runs = [heads_of(t)[h].units(t.shape) for t in tensors]
+    for t in tensors[1:]:
+        b.union(first[h].space, heads_of(t)[h].space)
+    ordered = all(a[1] == c[0] for a, c in zip(runs, runs[1:]))
+    lo, hi = min(r[0] for r in runs), max(r[1] for r in runs)
+    if sum(r[1] - r[0] for r in runs) != hi - lo:
+        b.fail("concatenates runs of head units that overlap or leave a gap")
+    if not ordered:
+        for r in runs:
+            b.pin(first[h].space, *r)
+    heads = dict(first)
+    heads[h] = replace(first[h], lo=lo, hi=hi)
+    return ctx.emit({}, sources=tuple(tensors), heads=heads)

@@ -39,7 +39,10 @@ def groups(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]]:
     while i < len(a) or j < len(b):
         gi, gj, pi, pj = [], [], 1, 1
         while not (gi and gj and pi == pj) or (i < len(a) and a[i] == 1) or (j < len(b) and b[j] == 1):
-            if i < len(a) and (pi <= pj or j >= len(b) or a[i] == 1):
+            if j < len(b) and b[j] == 1 and not (i < len(a) and a[i] == 1):
+                pj, j = pj, j + 1
+                gj.append(j - 1)
+            elif i < len(a) and (pi <= pj or j >= len(b) or a[i] == 1):
                 pi, i = pi * a[i], i + 1
                 gi.append(i - 1)
             elif j < len(b):
@@ -123,7 +126,16 @@ class AReshape:
         hd = xh[h]
         if len(hdims) == 1 and hd.d in ddims and big_i == [h, hd.d] and len(big_o) == 1 \
                 and not hd.merged:                                   # (H, d) -> n
+            if not hd.whole(b) or hd.rep != 1:
+                b.fail("merges attention heads back into features while it shows only part of "
+                       "each head's units, or copies of the heads")
             axes[big_o[0]] = (Segment(hd.space),)
+            return
+        copies = getattr(x, "copies", frozenset())
+        if len(hdims) == 1 and not ddims and not hd.merged and len(big_o) == 1 and \
+                len(big_i) == 2 and big_i[0] == h and big_i[1] in copies:  # repeat_kv
+            heads[big_o[0]] = replace(hd, d=None if hd.d is None else -hd.d - 1,
+                                      rep=hd.rep * a[big_i[1]])
             return
         if len(hdims) == 1 and not ddims and hd.merged and len(big_i) == 1 and len(big_o) == 2:
             k = b.raw[hd.space].width // b.raw[hd.space].group_size    # B·H -> (B, H)
@@ -167,7 +179,13 @@ class APermute:
 @dataclass(frozen=True)
 class Attention:
     """aten.scaled_dot_product_attention(q, k, v, mask): q and k share a head-grouped space,
-    v (and what reads the output) another; the two are linked as one group class."""
+    v (and what reads the output) another; the two are linked as one group class.
+
+    Grouped-query attention (``repeat_kv`` copies, or ``enable_gqa``): q's space becomes a
+    view of k's with ``rep`` query heads per kv head, and the output a view of v's. q and k
+    read from two runs of one fused head (q|k|v in one projection) must move alike: both
+    runs are pinned.
+    """
 
     name: str = "attention"
 
@@ -178,13 +196,12 @@ class Attention:
         mask = ctx.val(ctx.arg(3, "attn_mask", None))
         if mask is not None and (mask.axes or heads_of(mask)):
             b.fail("uses an attention mask that carries features")
-        if ctx.node.kwargs.get("enable_gqa"):
-            b.fail("uses grouped-query attention (enable_gqa), which hmir does not merge yet")
-        b.union(hq[1].space, hk[1].space)
-        b.group_links.append((hq[1].space, hv[1].space))
         if not (hq[0] == hk[0] == hv[0]):
             b.fail("has query, key and value with heads at different dims")
-        return ctx.emit({}, sources=(v,), heads={hv[0]: hv[1]})
+        gqa = q.shape[hq[0]] // k.shape[hk[0]] if ctx.node.kwargs.get("enable_gqa") else 1
+        bind_qk(ctx, (q, hq[1]), (k, replace(hk[1], rep=hk[1].rep * gqa)))
+        out = attention_output(ctx, q, hq[1], v, replace(hv[1], rep=hv[1].rep * gqa))
+        return ctx.emit({}, sources=(v,), heads={hv[0]: out})
 
     @staticmethod
     def _head(ctx, t, what: str):
@@ -193,3 +210,35 @@ class Attention:
             ctx.b.fail(f"takes a {what} that is not split into heads x units at its last dim "
                        f"(reshape it with view(B, S, heads, head_dim) first)")
         return next(iter(hs.items()))
+
+
+def bind_qk(ctx: ACtx, q: tuple, k: tuple) -> None:
+    """q·k contracts each head's units: q's and k's units must move alike."""
+    b, (qv, hq), (kv, hk) = ctx.b, q, k
+    if hq.rep != 1:
+        b.fail("takes a query whose heads are copies; hmir follows copies of keys and values only")
+    if hk.rep > 1:
+        if not hq.whole(b):
+            b.fail("uses grouped-query attention on part of each query head's units")
+        b.view(hq.space, hk.space, hk.rep, hk.units(kv.shape)[0])
+    elif hq.whole(b) and hk.whole(b):
+        b.union(hq.space, hk.space)
+    elif b.uf[hq.space] == b.uf[hk.space]:
+        if hq.units(qv.shape) != hk.units(kv.shape):         # q|k|v in one head: pin q and k
+            b.pin(hq.space, *hq.units(qv.shape))
+            b.pin(hk.space, *hk.units(kv.shape))
+    else:
+        b.fail("contracts runs of head units of two different projections")
+
+
+def attention_output(ctx: ACtx, q, hq: Head, v, hv: Head) -> Head:
+    """The output's heads: v's, or a new space viewing v's (copies of kv heads, a run of units)."""
+    b = ctx.b
+    b.group_links.append((hq.space, hv.space))
+    if hv.rep == 1 and hv.whole(b):
+        return hv
+    lo, hi = hv.units(v.shape)
+    heads = q.shape[[h for h, hd in heads_of(q).items()][0]]
+    sid = b.new_space(heads * (hi - lo), f"{ctx.node.name}:out", group_size=hi - lo)
+    b.view(sid, hv.space, hv.rep, lo)
+    return Head(hv.d, sid, hv.merged)

@@ -39,6 +39,7 @@ from scipy.optimize import linear_sum_assignment
 from hmir.algorithms.dual import check_similarity_alpha, dual_sweeps
 from hmir.errors import MergeError
 from hmir.algorithms.groups import match_groups_rect
+from hmir.ir.parts import full as full_parts
 from hmir.ir import MergeIR, Space
 from hmir.algorithms.matching import Match, _build, match_avg, match_keep
 from hmir.ir.pairing import SpacePair, absent_pair  # noqa: F401  (absent_pair lived here)
@@ -233,27 +234,68 @@ def _hungarian(score: torch.Tensor) -> torch.Tensor:
 
 
 def _match_group_class(stats: list[SpaceStats], spaces: list[Space]) -> list[Match]:
-    """Group alignment for spaces sharing one group permutation (design.md, MuDSC)."""
-    G = spaces[0].groups
+    """Group alignment for spaces sharing one group permutation (design.md, MuDSC).
+
+    Bases (spaces that are no view) score every group pair by the best within-group matching
+    their parts allow (pinned units stay in place); the group permutation maximises the sum.
+    A view then follows its base, and the order of its copies inside each group (grouped-query
+    heads) is matched by Hungarian on the views' correlations.
+    """
+    corrs = [st.corr(dtype=torch.float32).cpu() for st in stats]
+    index = {s.id: i for i, s in enumerate(spaces)}
+    bases = [i for i, s in enumerate(spaces) if s.view is None]
+    G = spaces[bases[0]].class_groups
     total = torch.zeros(G, G, dtype=torch.float64)
-    blocks, corrs = [], [st.corr(dtype=torch.float32) for st in stats]
-    for corr, s in zip(corrs, spaces):
-        n, k = s.n, s.group_size
-        cross = corr[:n, n:].cpu().reshape(G, k, G, k).permute(0, 2, 1, 3)
-        within = {}
+    within: dict[int, dict] = {}
+    for i in bases:
+        s, k = spaces[i], spaces[i].group_size
+        cross = corrs[i][:s.n, s.n:].reshape(G, k, G, k).permute(0, 2, 1, 3)
+        within[i] = {}
         for g in range(G):
             for h in range(G):
-                perm = _hungarian(cross[g, h])
-                within[g, h] = perm
+                perm = _within(cross[g, h], s.parts)
+                within[i][g, h] = perm
                 total[g, h] += cross[g, h][torch.arange(k), perm].mean()
-        blocks.append(within)
     sigma = _hungarian(total)
+    rho = {i: torch.stack([within[i][g, int(sigma[g])] for g in range(G)]) for i in bases}
+    tau = _copy_orders(corrs, spaces, index, sigma, rho)
     out = []
-    for corr, s, within in zip(corrs, spaces, blocks):
-        n, k = s.n, s.group_size
-        groups = [(g * k + j, n + int(sigma[g]) * k + int(within[g, int(sigma[g])][j]))
-                  for g in range(G) for j in range(k)]
-        out.append(_build(groups, 2 * n, corr, corr.device, torch.float32))
+    for corr, s in zip(corrs, spaces):
+        k, v = s.group_size, s.view
+        rep = v.rep if v else 1
+        units = rho[index[v.base]][:, v.lo:v.lo + k] - v.lo if v else rho[index[s.id]]
+        order = tau.get((rep, s.group_class), torch.arange(rep).repeat(G, 1))
+        old = (sigma.view(-1, 1) * rep + order).unsqueeze(-1) * k + units.unsqueeze(1)
+        groups = [(i, s.n + int(j)) for i, j in enumerate(old.flatten())]
+        out.append(_build(groups, 2 * s.n, corr, corr.device, torch.float32))
+    return out
+
+
+def _within(block: torch.Tensor, parts) -> torch.Tensor:
+    """Best matching of one group's units to another's, part by part; pinned units stay."""
+    k = block.shape[0]
+    perm = torch.arange(k)
+    for lo, hi, pinned in full_parts(parts, k):
+        if not pinned:
+            perm[lo:hi] = lo + _hungarian(block[lo:hi, lo:hi])
+    return perm
+
+
+def _copy_orders(corrs, spaces, index, sigma, rho) -> dict:
+    """Per (rep, class): for each group, the order of B's copies matched to A's (Hungarian)."""
+    G, out = len(sigma), {}
+    views = [i for i, s in enumerate(spaces) if s.view is not None and s.view.rep > 1]
+    for rep in sorted({spaces[i].view.rep for i in views}):
+        score = torch.zeros(G, rep, rep, dtype=torch.float64)
+        for i in (i for i in views if spaces[i].view.rep == rep):
+            s, v = spaces[i], spaces[i].view
+            k = s.group_size
+            cross = corrs[i][:s.n, s.n:].reshape(G, rep, k, G, rep, k)
+            units = rho[index[v.base]][:, v.lo:v.lo + k] - v.lo
+            for g in range(G):
+                blk = cross[g, :, :, int(sigma[g])][:, :, :, units[g]]       # (rep, k, rep, k)
+                score[g] += blk.diagonal(dim1=1, dim2=3).mean(-1)
+        out[rep, spaces[views[0]].group_class] = torch.stack([_hungarian(score[g]) for g in range(G)])
     return out
 
 

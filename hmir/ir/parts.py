@@ -19,6 +19,8 @@ Example::
 
     >>> make_parts(16, cuts={8}, pins=[(0, 8)])          # partial rotary: 8 pinned, 8 free
     ((0, 8, True), (8, 16, False))
+    >>> make_parts(16, cuts={8}, pins=[(0, 8), (8, 16)])   # rotate_half: the whole head pinned
+    ((0, 16, True),)
     >>> within_perm(((0, 8, True), (8, 16, False)), torch.Generator().manual_seed(0))[:8].tolist()
     [0, 1, 2, 3, 4, 5, 6, 7]
 """
@@ -49,11 +51,19 @@ def make_parts(k: int, cuts=(), pins=()) -> Parts:
                    {e for lo, hi in pins for e in (lo, hi) if 0 < e < k})
     if len(edges) == 2 and not pins:
         return ()
-    parts = []
+    parts: list[tuple[int, int, bool]] = []
     for lo, hi in zip(edges, edges[1:]):
         pinned = any(plo <= lo and hi <= phi for plo, phi in pins)
-        parts.append((lo, hi, pinned))
+        if parts and pinned and parts[-1][2]:            # pinned units: one part (none move)
+            parts[-1] = (parts[-1][0], hi, True)
+        else:
+            parts.append((lo, hi, pinned))
     return tuple(parts)
+
+
+def is_edge(parts: Parts, k: int, pos: int) -> bool:
+    """Whether no unit moves across ``pos`` (a part boundary, or inside a pinned part)."""
+    return pos in (0, k) or any(lo <= pos <= hi if p else pos in (lo, hi) for lo, hi, p in parts)
 
 
 def full(parts: Parts, k: int) -> Parts:

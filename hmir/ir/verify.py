@@ -97,7 +97,7 @@ def _check_spaces(ir: MergeIR) -> list[str]:
         out += _check_within(ir, s)
         if s.fixed:
             continue
-        if not s.producers():
+        if not s.producers() and s.view is None:       # a view is produced as its base
             out.append(f"free space '{s.name}' has no producer slice")
         if not s.points:
             out.append(f"free space '{s.name}' has no observation point")
@@ -108,7 +108,7 @@ def _check_spaces(ir: MergeIR) -> list[str]:
 
 
 def _check_within(ir: MergeIR, s) -> list[str]:
-    from hmir.ir.parts import full, restrict
+    from hmir.ir.parts import is_edge, restrict
 
     out = []
     if s.parts and (s.parts[0][0] != 0 or s.parts[-1][1] != s.group_size or any(
@@ -122,9 +122,8 @@ def _check_within(ir: MergeIR, s) -> list[str]:
         out.append(f"space '{s.name}' views '{base.name}' with {v.rep} copies per group but their "
                    f"groups ({s.groups} vs {base.groups}) or group classes differ")
         return out
-    edges = {lo for lo, _, _ in full(base.parts, base.group_size)} | {base.group_size}
     hi = v.lo + s.group_size
-    if hi > base.group_size or not {v.lo, hi} <= edges or \
+    if hi > base.group_size or not all(is_edge(base.parts, base.group_size, e) for e in (v.lo, hi)) or \
             restrict(base.parts, base.group_size, v.lo, hi) != s.parts:
         out.append(f"space '{s.name}' views units {v.lo}.. of '{base.name}' whose parts "
                    f"{base.parts} do not match its own {s.parts}")
