@@ -45,6 +45,8 @@ class Head:
 
     def units(self, shape) -> tuple[int, int]:
         """The head units the value shows: ``(lo, hi)`` with ``hi`` resolved from ``shape``."""
+        if self.d is None:
+            return 0, 0
         return self.lo, self.lo + int(shape[self.d]) if self.hi is None else self.hi
 
     def whole(self, b) -> bool:
@@ -158,11 +160,32 @@ class APointwise(Pointwise):
             v.copies = getattr(ops[0], "copies", frozenset())
         return v
 
+    def _join_dim(self, ctx: ACtx, ops, out: tuple, d: int):
+        """At a dim holding the head index, a feature axis (T5's per-head position bias, an
+        embedding of width = heads) joins the heads' group class instead of a feature dim."""
+        head = next((hd for op in ops for h, hd in heads_of(op).items()
+                     if h + len(out) - op.ndim == d), None)
+        if head is None:
+            return super()._join_dim(ctx, ops, out, d)
+        for v in ops:
+            dv = d - (len(out) - v.ndim)
+            if dv < 0 or dv not in v.axes:
+                continue
+            axis = v.axes[dv]
+            if head.d is not None or len(axis) != 1 or (axis[0].inner, axis[0].outer) != (1, 1) \
+                    or v.shape[dv] != out[d]:
+                ctx.b.fail("adds a feature tensor to attention heads other than as one value per "
+                           "head (a per-head bias of the attention scores)")
+            ctx.b.read_point(v, axis)
+            ctx.b.group_links.append((head.space, axis[0].space))
+        return None
+
     @staticmethod
     def _constant(ctx: ACtx, op, heads: dict[int, Head], shift: int) -> None:
         for h, hd in heads.items():
             for d, what in ((h, "head"), (hd.d, "units")):
-                if d is None or d - shift < 0 or op.shape[d - shift] == 1 or _carries(op, d - shift):
+                if d is None or d - shift < 0 or op.shape[d - shift] == 1 or _carries(op, d - shift) \
+                        or (what == "head" and d - shift in op.axes):      # a per-head bias
                     continue
                 if what == "units" and getattr(op, "index", False):
                     ctx.b.pin(hd.space, *hd.units(ctx.out_shape()))

@@ -24,7 +24,7 @@ from hmir.frontends.aten_fused_rules import FUSED_RULES
 from hmir.frontends.aten_param_rules import Conv, Embedding, Linear, Norm
 from hmir.frontends.aten_rules import (ACat, APointwise, Expand, Featureless, NoHeads, Select,
                                        SliceRule)
-from hmir.frontends.head_rules import APermute, AReshape, Attention
+from hmir.frontends.head_rules import APermute, AReshape, Attention, MatMul
 from hmir.frontends.rules import Meta, Spatial
 from hmir.frontends.shape_rules import Reduce
 
@@ -46,11 +46,11 @@ ATEN_RULES: dict[object, object] = {
                     "hardsigmoid leaky_relu elu mish softplus erf exp log sqrt rsqrt pow abs "
                     "dropout feature_dropout alpha_dropout contiguous clone alias detach softmax "
                     "_softmax log_softmax _log_softmax _to_copy to type_as lift_fresh_copy "
-                    "clamp clamp_min clamp_max", PW),
+                    "clamp clamp_min clamp_max ge gt le lt eq ne logical_and logical_or "
+                    "logical_not bitwise_and bitwise_or bitwise_not where masked_fill minimum "
+                    "maximum", PW),
     **_with_inplace("arange full full_like zeros zeros_like ones ones_like scalar_tensor gather "
-                    "index_select ge gt le lt eq ne logical_and logical_or logical_not "
-                    "bitwise_and bitwise_or bitwise_not cumsum where masked_fill new_ones "
-                    "new_zeros", FREE),
+                    "index_select cumsum new_ones new_zeros", FREE),
     **{getattr(aten, n): NoHeads(Spatial()) for n in (
         "adaptive_avg_pool1d", "adaptive_avg_pool2d", "avg_pool1d", "avg_pool2d", "max_pool1d",
         "max_pool2d", "upsample_nearest2d", "upsample_bilinear2d")},
@@ -70,6 +70,7 @@ ATEN_RULES: dict[object, object] = {
     **{getattr(aten, n): AReshape(sizes_arg=None) for n in ("flatten", "unsqueeze", "squeeze")},
     **{getattr(aten, n): APermute() for n in ("permute", "transpose", "t")},
     aten.scaled_dot_product_attention: Attention(),
+    aten.matmul: MatMul(),
     **FUSED_RULES,
     aten.sym_size: META,
     aten.sym_numel: META,

@@ -45,7 +45,8 @@ class ExportBuilder(Builder):
 
     def size_arg(self, node: fx.Node, arg: int | None, index: int, kind: str, what) -> None:
         """Record that literal ``node.args[arg][index]`` is ``kind`` ("extent" of an axis, or
-        "units" per group of a space) so the backend rewrites it when widths change."""
+        "units" per group of a space, or its "groups") so the backend rewrites it when widths
+        change."""
         if arg is None or arg >= len(node.args) or not isinstance(node.args[arg], (list, tuple)):
             return
         sizes = node.args[arg]
@@ -88,7 +89,7 @@ class ExportBuilder(Builder):
         canon = {i: new_id[self.uf[i]] for i in range(len(self.raw))}
         ir.meta["size_args"] = {}
         for name, arg, index, kind, what in self.sizes:
-            what = canon[what] if kind == "units" else tuple(
+            what = canon[what] if kind in ("units", "groups") else tuple(
                 Segment(canon[s.space], s.inner, s.outer) for s in what)
             ir.meta["size_args"].setdefault(name, []).append((arg, index, kind, what))
         return ir

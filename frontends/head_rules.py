@@ -117,8 +117,10 @@ class AReshape:
         b.read_point(x, axis)
         b.set_group(sid, d)
         heads[big_o[0]] = Head(big_o[1], sid, merged=other != 1)
-        b.size_arg(ctx.node, self.sizes_arg, big_o[1] - gj[0] if self.sizes_arg == 2 else big_o[1],
-                   "units", sid)
+        at = (lambda d: d - gj[0]) if self.sizes_arg == 2 else (lambda d: d)
+        b.size_arg(ctx.node, self.sizes_arg, at(big_o[1]), "units", sid)
+        if other == 1:
+            b.size_arg(ctx.node, self.sizes_arg, at(big_o[0]), "groups", sid)
 
     def _heads(self, ctx, x, a, o, hdims, ddims, big_i, big_o, axes, heads, gj) -> None:
         b, xh = ctx.b, heads_of(x)
@@ -194,8 +196,14 @@ class Attention:
         q, k, v = (ctx.val(ctx.arg(i, n)) for i, n in enumerate(("query", "key", "value")))
         hq, hk, hv = (self._head(ctx, t, n) for t, n in ((q, "query"), (k, "key"), (v, "value")))
         mask = ctx.val(ctx.arg(3, "attn_mask", None))
-        if mask is not None and (mask.axes or heads_of(mask)):
-            b.fail("uses an attention mask that carries features")
+        if mask is not None and (heads_of(mask) or set(mask.axes) - {hq[0] - q.ndim + mask.ndim}):
+            b.fail("uses an attention mask that carries features (other than one bias per head)")
+        if mask is not None and mask.axes:                  # a per-head bias (T5): joins the heads
+            axis = next(iter(mask.axes.values()))
+            if len(axis) != 1 or b.width(axis[0].space) != q.shape[hq[0]]:
+                b.fail("uses an attention mask whose head dim is not one bias per head")
+            b.read_point(mask, axis)
+            b.group_links.append((hq[1].space, axis[0].space))
         if not (hq[0] == hk[0] == hv[0]):
             b.fail("has query, key and value with heads at different dims")
         gqa = q.shape[hq[0]] // k.shape[hk[0]] if ctx.node.kwargs.get("enable_gqa") else 1
@@ -242,3 +250,32 @@ def attention_output(ctx: ACtx, q, hq: Head, v, hv: Head) -> Head:
     sid = b.new_space(heads * (hi - lo), f"{ctx.node.name}:out", group_size=hi - lo)
     b.view(sid, hv.space, hv.rep, lo)
     return Head(hv.d, sid, hv.merged)
+
+
+@dataclass(frozen=True)
+class MatMul:
+    """aten.matmul of eager attention: ``q @ kᵀ`` contracts each head's units (as
+    :func:`bind_qk`) into scores carrying the head index; ``weights @ v`` gives v's heads
+    (as :class:`Attention`'s output). Any other product of computed tensors is an error."""
+
+    name: str = "matmul"
+
+    def apply(self, ctx: ACtx):
+        b = ctx.b
+        x, y = ctx.val(ctx.arg(0, "self")), ctx.val(ctx.arg(1, "other"))
+        hx, hy = heads_of(x), heads_of(y)
+        if x is None or y is None or len(hx) != 1 or len(hy) != 1 or x.axes or y.axes:
+            b.fail("multiplies two computed tensors that are not attention heads; hmir follows "
+                   "matmul only as eager attention (q @ k.T, weights @ v)")
+        (h1, a), (h2, c) = next(iter(hx.items())), next(iter(hy.items()))
+        out = len(ctx.out_shape())
+        if h1 - x.ndim != h2 - y.ndim:
+            b.fail("multiplies attention heads laid out at different dims")
+        h = out - x.ndim + h1
+        if a.d == x.ndim - 1 and c.d == y.ndim - 2:                     # q @ k.T
+            bind_qk(ctx, (x, a), (y, c))
+            return ctx.emit({}, sources=(x, y), heads={h: Head(None, a.space, a.merged)})
+        if a.d is None and c.d == y.ndim - 1:                           # weights @ v
+            o = attention_output(ctx, x, a, y, c)
+            return ctx.emit({}, sources=(y,), heads={h: replace(o, d=out - 1)})
+        b.fail("multiplies attention heads in a way that is neither q @ k.T nor weights @ v")

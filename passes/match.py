@@ -38,8 +38,8 @@ from scipy.optimize import linear_sum_assignment
 
 from hmir.algorithms.dual import check_similarity_alpha, dual_sweeps
 from hmir.errors import MergeError
-from hmir.algorithms.groups import match_groups_rect
-from hmir.ir.parts import full as full_parts
+from hmir.algorithms.groups import match_groups_keep, match_groups_rect, within_match
+from hmir.ir.parts import keeps_group_size
 from hmir.ir import MergeIR, Space
 from hmir.algorithms.matching import Match, _build, match_avg, match_keep
 from hmir.ir.pairing import SpacePair, absent_pair  # noqa: F401  (absent_pair lived here)
@@ -152,6 +152,7 @@ def match(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], stats: list[Spac
     grouped: dict[int, list[int]] = {}
     todo: list[int] = []
     kept = 0
+    grouped_classes = {s.group_class for s in ir_a.spaces if s.group_size > 1}
     for k, p in enumerate(pairs):
         sa, sb = ir_a.space(p.a), ir_b.space(p.b)
         side = absent_pair(p, absent)
@@ -159,7 +160,7 @@ def match(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], stats: list[Spac
             out[k] = match_avg(sa.n, sb.n)
         elif side is not None:
             out[k], kept = match_keep(sa.n, sb.n, "b" if side == "a" else "a"), kept + 1
-        elif sa.group_size > 1 and get_method(opts.method).group_align:
+        elif sa.group_class in grouped_classes and get_method(opts.method).group_align:
             grouped.setdefault(sa.group_class, []).append(k)
         else:
             todo.append(k)
@@ -210,6 +211,18 @@ def _match_grouped(ir_a, ir_b, pairs, stats, opts: MatchOptions, ks: list[int], 
                          f"{ir_b.name}; method {opts.method!r} pairs units one to one: use "
                          f"method='zip' (rectangular group alignment)")
     widths = [target_width(opts.width, sa.n, sb.n, sa.name) for sa, sb in zip(sas, sbs)]
+    if any(s.view is not None for s in sas + sbs):
+        raise MergeError(f"grouped space '{sas[0].name}' ({shape}) belongs to grouped-query "
+                         f"attention (kv heads shared by query heads); hmir merges such models only "
+                         f"with equal head and kv-head counts: merge models with the same number "
+                         f"of kv heads, or use method='mal' (keeps A's heads)")
+    if keeps_group_size(ir_a, sas[0]) or keeps_group_size(ir_b, sbs[0]):
+        ms = match_groups_keep([stats[k].corr(dtype=torch.float32) for k in ks], sas, sbs, widths,
+                               alpha=opts.alpha, beta=opts.beta)
+        for k, m in zip(ks, ms):
+            out[k] = m
+        return (f"grouped spaces [{names}] ({shape}, pinned rotary units): whole heads zipped "
+                f"to {widths[0] // sas[0].group_size} heads of {sas[0].group_size} units")
     ms, assign = match_groups_rect([stats[k].corr(dtype=torch.float32) for k in ks], sas, sbs, widths,
                                    alpha=opts.alpha, beta=opts.beta)
     for k, m in zip(ks, ms):
@@ -253,7 +266,7 @@ def _match_group_class(stats: list[SpaceStats], spaces: list[Space]) -> list[Mat
         within[i] = {}
         for g in range(G):
             for h in range(G):
-                perm = _within(cross[g, h], s.parts)
+                perm = within_match(cross[g, h], s.parts)
                 within[i][g, h] = perm
                 total[g, h] += cross[g, h][torch.arange(k), perm].mean()
     sigma = _hungarian(total)
@@ -269,16 +282,6 @@ def _match_group_class(stats: list[SpaceStats], spaces: list[Space]) -> list[Mat
         groups = [(i, s.n + int(j)) for i, j in enumerate(old.flatten())]
         out.append(_build(groups, 2 * s.n, corr, corr.device, torch.float32))
     return out
-
-
-def _within(block: torch.Tensor, parts) -> torch.Tensor:
-    """Best matching of one group's units to another's, part by part; pinned units stay."""
-    k = block.shape[0]
-    perm = torch.arange(k)
-    for lo, hi, pinned in full_parts(parts, k):
-        if not pinned:
-            perm[lo:hi] = lo + _hungarian(block[lo:hi, lo:hi])
-    return perm
 
 
 def _copy_orders(corrs, spaces, index, sigma, rho) -> dict:

@@ -32,7 +32,7 @@ from hmir.errors import MergeError
 from hmir.ir import Space
 from hmir.algorithms.matching import Match, _build, match_zip
 
-__all__ = ["group_scores", "assign_groups", "match_groups_rect"]
+__all__ = ["group_scores", "assign_groups", "match_groups_rect", "match_groups_keep", "within_match"]
 
 
 def _best_mean(block: torch.Tensor) -> float:
@@ -132,3 +132,71 @@ def match_groups_rect(corrs: list[torch.Tensor], spaces_a: list[Space], spaces_b
     matches = [_match_space(c, sa, sb, assign, r, alpha, beta)
                for c, sa, sb, r in zip(corrs, spaces_a, spaces_b, widths)]
     return matches, assign
+
+
+def within_match(block: torch.Tensor, parts) -> torch.Tensor:
+    """Best one-to-one matching of one group's units to another's (a (k, k) correlation block),
+    part by part (:mod:`hmir.ir.parts`); pinned units stay in place. ``perm[j]``: the unit
+    matched to unit ``j``.
+
+    Example::
+
+        >>> within_match(torch.eye(4)[[1, 0, 3, 2]], ((0, 2, True), (2, 4, False))).tolist()
+        [0, 1, 3, 2]
+    """
+    k = block.shape[0]
+    perm = torch.arange(k)
+    for lo, hi, pinned in (parts or ((0, k, False),)):
+        if not pinned:
+            rows, cols = linear_sum_assignment(block[lo:hi, lo:hi].detach().cpu().double().numpy(),
+                                               maximize=True)
+            perm[lo + torch.as_tensor(rows)] = lo + torch.as_tensor(cols)
+    return perm
+
+
+def match_groups_keep(corrs: list[torch.Tensor], spaces_a: list[Space], spaces_b: list[Space],
+                      widths: list[int], *, alpha: float = 0.5, beta: float = 0.5) -> list[Match]:
+    """Rectangular alignment that keeps the group size (pinned units: a rotary head's size is
+    fixed) and zips whole groups: the ``GA + GB`` groups are zipped (ZipIt's greedy zip on the
+    group similarity, the best within-group matching's mean correlation) into ``r / k`` merged
+    groups; inside a merged group, units are matched to its first group's, part by part.
+
+    Example::
+
+        >>> from hmir.algorithms.matching import correlation
+        >>> x = torch.randn(200, 4, dtype=torch.float64)
+        >>> feats = torch.cat([x, x[:, [2, 3]]], 1)            # B's one group is A's group 1
+        >>> corr = correlation(feats.mean(0), feats.T.cov())
+        >>> sa = Space(0, "q", 4, group_size=2, parts=((0, 2, True),))
+        >>> sb = Space(0, "q", 2, group_size=2, parts=((0, 2, True),))
+        >>> match_groups_keep([corr], [sa], [sb], [4])[0].groups
+        [(0,), (1,), (2, 4), (3, 5)]
+    """
+    k = [sa.group_size for sa in spaces_a]
+    bad = [sa.name for sa, sb, r in zip(spaces_a, spaces_b, widths)
+           if sa.group_size != sb.group_size or r % sa.group_size]
+    counts = {r // sa.group_size for sa, r in zip(spaces_a, widths)}
+    if bad or len(counts) != 1:
+        raise MergeError(f"grouped space '{(bad or [spaces_a[0].name])[0]}' has heads with pinned "
+                         f"(rotary) units: a merge keeps their size, so both models need the same "
+                         f"head size and every space of the group class a merged width of the same "
+                         f"number of heads (widths {widths}, head sizes {k})")
+    ga, gb, gr = spaces_a[0].groups, spaces_b[0].groups, counts.pop()
+    n = ga + gb
+    blocks = [c.cpu().reshape(n, kk, n, kk).permute(0, 2, 1, 3) for c, kk in zip(corrs, k)]
+    sim = torch.zeros(n, n, dtype=torch.float64)
+    for blk, sa in zip(blocks, spaces_a):
+        for g in range(n):
+            for h in range(n):
+                perm = within_match(blk[g, h], sa.parts)
+                sim[g, h] += blk[g, h][torch.arange(len(perm)), perm].double().mean()
+    sim /= len(blocks)
+    zipped = match_zip(sim, ga, gb, gr, alpha=alpha, beta=beta).groups
+    out = []
+    for corr, blk, sa, kk in zip(corrs, blocks, spaces_a, k):
+        units = []
+        for grp in zipped:
+            perms = [within_match(blk[grp[0], h], sa.parts) for h in grp]
+            units += [tuple(h * kk + int(p[j]) for h, p in zip(grp, perms)) for j in range(kk)]
+        out.append(_build(units, sa.n + spaces_b[spaces_a.index(sa)].n, corr, corr.device, corr.dtype))
+    return out

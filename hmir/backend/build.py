@@ -29,6 +29,7 @@ import torch.nn as nn
 from hmir.errors import MergeError
 from hmir.frontends.diagnostics import node_error
 from hmir.ir import MergeIR
+from hmir.ir.parts import resized_group_size
 from hmir.backend.resize import RESIZE_RULES, axis_extent, new_widths, resized_ir, set_tensors
 
 _SIZE_KWARGS = ("shape", "size")
@@ -168,12 +169,13 @@ def _rewrite_shape_args(ir: MergeIR, gm: fx.GraphModule, width: dict[int, int]) 
 def _rewrite_size_args(ir: MergeIR, gm: fx.GraphModule, width: dict[int, int]) -> None:
     """Literal sizes the frontend listed in ``ir.meta["size_args"]`` ({node: [(arg, index, kind,
     what)]}): kind "extent" is an axis's extent (layer_norm's shape), "units" a space's units
-    per group (a head's size in ``view(B, S, H, d)``; the group count is kept)."""
-    groups = {s.id: s.groups for s in ir.spaces}
+    per group (a head's size in ``view(B, S, H, d)``), "groups" its group count (heads)."""
+    gsize = {s.id: resized_group_size(ir, s, width[s.id]) for s in ir.spaces}
     todo = ir.meta.get("size_args", {})
     for node in gm.graph.nodes:
         for arg, index, kind, what in todo.get(node.name, ()):
-            new = axis_extent(what, width) if kind == "extent" else width[what] // groups[what]
+            new = (axis_extent(what, width) if kind == "extent" else gsize[what] if kind == "units"
+                   else width[what] // gsize[what])
             sizes = list(node.args[arg])
             sizes[index] = new
             node.update_arg(arg, type(node.args[arg])(sizes))

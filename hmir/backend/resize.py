@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from hmir.errors import HMIRError, MergeError
 from hmir.ir import MergeIR, ObsPoint, Slice, Space
+from hmir.ir.parts import keeps_group_size, resized_group_size
 
 ResizeRule = Callable[[nn.Module, dict[str, torch.Tensor]], None]
 
@@ -150,7 +151,10 @@ def new_widths(ir: MergeIR, widths: dict[int, int]) -> dict[int, int]:
         if s.fixed and int(n) != s.n:
             raise MergeError(f"{ir.name}: space '{s.name}' is fixed ({s.fixed_reason}); its width "
                              f"{s.n} cannot become {n}")
-        if s.group_size > 1 and int(n) % s.groups:
+        if keeps_group_size(ir, s) and int(n) % s.group_size:
+            raise MergeError(f"{ir.name}: space '{s.name}' has heads of {s.group_size} units with "
+                             f"pinned (rotary) units, which do not divide its new width {n}")
+        if s.group_size > 1 and not keeps_group_size(ir, s) and int(n) % s.groups:
             raise MergeError(f"{ir.name}: space '{s.name}' has {s.groups} groups, which do not "
                              f"divide its new width {n}")
         out[sid] = int(n)
@@ -165,7 +169,8 @@ def axis_extent(axis: tuple, width: dict[int, int]) -> int:
 def resized_ir(ir: MergeIR, widths: dict[int, int]) -> MergeIR:
     """A copy of ``ir`` whose spaces have the new ``widths`` (``ir`` is left unchanged).
 
-    Slice and observation offsets are recomputed; group counts are kept. The copy shares
+    Slice and observation offsets are recomputed; group counts are kept (group sizes, where
+    the group class has pinned units: :func:`~hmir.ir.parts.keeps_group_size`). The copy shares
     ``ir.graph_module`` (not resized), so verify it against an explicit state.
 
     Example::
@@ -180,7 +185,7 @@ def resized_ir(ir: MergeIR, widths: dict[int, int]) -> MergeIR:
         >>> verify(ir2, zoo.mlp(4, (16,), 2).state_dict())    # a state of the new widths
     """
     n = new_widths(ir, widths)
-    spaces = [_resized_space(s, n[s.id]) for s in ir.spaces]
+    spaces = [_resized_space(s, n[s.id], resized_group_size(ir, s, n[s.id])) for s in ir.spaces]
     offsets = _slice_offsets(ir, spaces)
     for s in spaces:
         s.slices = [replace(sl, offset=offsets[(sl.param, sl.dim, sl.offset)]) for sl in s.slices]
@@ -189,8 +194,7 @@ def resized_ir(ir: MergeIR, widths: dict[int, int]) -> MergeIR:
                    unsliced=dict(ir.unsliced), meta=dict(ir.meta))
 
 
-def _resized_space(s: Space, n: int) -> Space:
-    gsize = s.group_size if s.group_size == 1 else n // s.groups
+def _resized_space(s: Space, n: int, gsize: int) -> Space:
     return replace(s, width=sympy.Integer(n), group_size=gsize, slices=list(s.slices),
                    points=list(s.points), joins=list(s.joins))
 

@@ -95,3 +95,18 @@ def within_perm(parts: Parts, gen: torch.Generator, k: int | None = None) -> tor
         if not pinned:
             perm[lo:hi] = lo + torch.randperm(hi - lo, generator=gen)
     return perm
+
+
+def keeps_group_size(ir, space) -> bool:
+    """Whether merging changes ``space``'s group *count* rather than its group size: its group
+    class holds pinned units (a rotary head's size is fixed by its frequencies)."""
+    return space.group_size > 1 and any(
+        is_pinned(s.parts) for s in ir.spaces if s.group_class == space.group_class)
+
+
+def resized_group_size(ir, space, n: int) -> int:
+    """The group size of ``space`` at width ``n``: kept (see :func:`keeps_group_size`) or
+    ``n`` over the kept group count."""
+    if space.group_size == 1 or keeps_group_size(ir, space):
+        return space.group_size
+    return n // space.groups
