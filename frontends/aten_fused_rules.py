@@ -1,10 +1,343 @@
-"""Rules for fused projections and matrix products of aten graphs (placeholder, being written).
+"""Rules for fused projections and matrix products with a parameter, in aten graphs.
 
-Example::
+* :class:`ParamMatmul` lowers ``aten.addmm`` / ``aten.mm`` / ``aten.bmm`` when one operand
+  is a parameter: GPT-2's ``Conv1D`` computes ``addmm(bias, x.view(-1, n_in), weight)`` with
+  ``weight`` of shape (in, out), the transpose of ``nn.Linear``'s. The parameter's ``in`` dim
+  reads the feature axis of the other operand, its ``out`` dim writes a new space; a bias (or
+  any added tensor) joins that space as an elementwise add would. A product of two computed
+  tensors (attention scores) is refused: it is not a layer.
+* :class:`Split` lowers ``split`` / ``split_with_sizes`` / ``chunk`` / ``tensor_split`` /
+  ``unbind``. Along a featureless dim (batch, tokens) every piece keeps the axes. Along a
+  feature dim, a piece boundary that falls inside one plain segment of a space that only a
+  fresh projection wrote (``c_attn(x).split(n, 2)`` → q, k, v; ``gate_up(x).chunk(2, -1)``)
+  splits that space into one space per piece, with each piece's slices at its offset of the
+  producing weight rows and bias; boundaries between segments (a concat split back) just
+  hand each piece its segments. The op returns a tuple, read by ``operator.getitem``:
+  :class:`Piece` hands out the pieces (and is the META rule for every other getitem).
 
-    >>> FUSED_RULES
-    {}
+Example (a fused gate/up MLP: each half of ``gate_up``'s rows is a space of its own; here
+``*`` joins the two again, so one space holds rows 0..15 and 16..31)::
+
+    >>> import torch, torch.nn as nn
+    >>> from hmir.frontends.export import lower
+    >>> class GLU(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.gate_up, self.down = nn.Linear(8, 32), nn.Linear(16, 8)
+    ...     def forward(self, x):
+    ...         g, u = self.gate_up(x).chunk(2, -1)
+    ...         return self.down(torch.relu(g) * u)
+    >>> ir = lower(GLU(), torch.randn(2, 8))
+    >>> [(int(s.n), sorted(sl.offset for sl in s.slices if sl.param == "gate_up.weight"))
+    ...  for s in ir.spaces if not s.fixed]
+    [(16, [0, 16])]
 """
 from __future__ import annotations
 
-FUSED_RULES: dict[object, object] = {}
+import itertools
+import operator
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from hmir.frontends.aten_rules import ACtx, AVal, heads_of
+from hmir.frontends.rules import ParamOp
+from hmir.ir import Segment
+
+aten = torch.ops.aten
+
+
+def _is_param(v) -> bool:
+    return v is not None and v.param is not None and getattr(v, "pdims", None) is None
+
+
+def _refuse_heads(ctx: ACtx, v, what: str) -> None:
+    if heads_of(v):
+        ctx.b.fail(f"{what} a tensor split into attention heads; hmir follows heads only through "
+                   f"reshapes, transposes, elementwise ops and scaled_dot_product_attention "
+                   f"(split the projection before its view into heads)")
+
+
+# -- matrix products with a parameter ------------------------------------------------------
+@dataclass(frozen=True)
+class ParamMatmul:
+    """``addmm(bias, a, b)`` / ``mm(a, b)`` / ``bmm(a, b)`` with ``a`` or ``b`` a parameter.
+
+    ``x @ W`` (W of shape (…, in, out), GPT-2's Conv1D): W's dim -2 reads x's last dim and W's
+    dim -1 writes a new space at the output's last dim. ``W @ x`` (W of shape (…, out, in)):
+    W's dim -1 reads x's dim -2, W's dim -2 writes the output's dim -2. ``bias_arg`` names the
+    added tensor of ``addmm``.
+    """
+
+    a_arg: int = 0
+    b_arg: int = 1
+    bias_arg: int | None = None
+    names: tuple[str, str] = ("self", "mat2")
+    name: str = "param_matmul"
+
+    def apply(self, ctx: ACtx):
+        b = ctx.b
+        a, m = (ctx.val(ctx.arg(i, n)) for i, n in zip((self.a_arg, self.b_arg), self.names))
+        if a is None or m is None:
+            b.fail("multiplies something that is not a tensor value")
+        if _is_param(a) and _is_param(m):
+            b.fail(f"multiplies two parameters ({a.param} @ {m.param}); hmir slices a parameter "
+                   f"only where it multiplies a feature tensor")
+        if not (_is_param(a) or _is_param(m)):
+            b.fail(f"multiplies two computed tensors of shapes {tuple(a.shape)} and "
+                   f"{tuple(m.shape)} (an attention-like product, not a layer); this rule lowers "
+                   f"matrix products with a parameter only (x @ W, W @ x)")
+        w, x, right = (m, a, True) if _is_param(m) else (a, m, False)
+        _refuse_heads(ctx, x, "multiplies")
+        nd = x.ndim
+        xdim = nd - 1 if right else nd - 2
+        w_in, w_out = (w.ndim - 2, w.ndim - 1) if right else (w.ndim - 1, w.ndim - 2)
+        for d in range(nd - 2):                                   # bmm: the batch of matrices
+            if d in x.axes:
+                b.fail(f"multiplies by a batch of weight matrices along dim {d}, which carries "
+                       f"features")
+        axis = b.axis_of(x, xdim, "this matrix product")
+        b.read_point(x, axis)
+        out = ParamOp(w_out=w_out, w_in=w_in)._dense(b, w.param, tuple(w.shape), axis, [],
+                                                     ctx.node.name)
+        odim = nd - 1 if right else nd - 2
+        axes = {d: ax for d, ax in x.axes.items() if d != xdim}
+        axes[odim] = out
+        if self.bias_arg is not None:
+            bias = ctx.val(ctx.arg(self.bias_arg, "self", None))
+            if bias is not None:
+                _refuse_heads(ctx, bias, "adds")
+                self._join_bias(ctx, bias, axes)
+        return ctx.emit(axes, sources=(x,))
+
+    @staticmethod
+    def _join_bias(ctx: ACtx, bias, axes: dict) -> None:
+        """The added tensor joins the product's feature dims as an elementwise add would."""
+        b, out = ctx.b, ctx.out_shape()
+        shift = len(out) - bias.ndim
+        sliced = False
+        for d, axis in list(axes.items()):
+            bd = d - shift
+            if bd < 0 or bias.shape[bd] == 1 and out[d] > 1:
+                continue                                          # broadcast along this dim
+            if _is_param(bias):
+                b.axis_slices(bias.param, bd, axis, "out")
+                sliced = True
+            elif bd in bias.axes:
+                axes[d] = b.union_axes(axis, bias.axes[bd])
+            elif bias.raw:
+                axes[d] = b.union_axes(axis, b.axis_of(bias, bd))
+            else:
+                b.fail(f"adds a tensor of shape {tuple(bias.shape)} whose dim {bd} carries no "
+                       f"known feature layout to the product's features")
+        if _is_param(bias) and not sliced and bias.param not in b.param_dims:
+            b.declare(bias.param, reason="added to a matrix product along no feature dim")
+        for bd in bias.axes:
+            if bd + shift not in axes:
+                b.fail(f"adds a tensor whose dim {bd} carries features the product lacks")
+
+
+# -- splits of a feature dim ------------------------------------------------------------
+@dataclass
+class Pieces(AVal):
+    """The tuple a split returns: per piece its axes (read by ``operator.getitem``)."""
+
+    pieces: list = field(default_factory=list)
+
+
+def _plain(seg: Segment) -> bool:
+    return seg.inner == 1 and seg.outer == 1
+
+
+def split_space(b, sid: int, widths: list[int]) -> list[int]:
+    """Split space ``sid``, written only by a fresh projection, into spaces of ``widths``.
+
+    The projection's slices (weight rows, bias; all ``out``, plain) are cut at the pieces'
+    offsets; every value carrying ``sid`` as a plain segment carries the pieces instead (a later
+    op that reads the whole value reads their concatenation). The first piece keeps ``sid``.
+    A space that is already joined, read, grouped, viewed or flattened is an error.
+    """
+    rs = b.raw[sid]
+    if len(widths) == 1:
+        return [sid]
+    why = None
+    if any(b.uf[i] == b.uf[sid] for i in range(len(b.raw)) if i != sid):
+        why = "they are joined with other features (a residual add, a product, a shared layer)"
+    elif any(sl.space == sid and (sl.role != "out" or not _plain(sl)) for sl in b.slices):
+        why = "a layer already reads them whole"
+    elif any(s == sid for s, _ in b.points):
+        why = "a layer already reads them whole"
+    elif rs.group_size != 1 or rs.cuts or rs.pins or any(
+            sid in (s, v.base) for s, v in b.views):
+        why = "they are already grouped into heads"
+    elif rs.fixed:
+        why = f"they are fixed ({rs.fixed})"
+    elif not any(sl.space == sid for sl in b.slices):
+        why = "no projection wrote them"
+    else:
+        own = {(sl.param, sl.dim) for sl in b.slices if sl.space == sid}
+        if any(sl.space != sid and (sl.param, sl.dim) in own for sl in b.slices):
+            why = "their layer is also called elsewhere (a shared weight)"
+        elif any(sid in (s.space for s in axis if not _plain(s))
+                 for v in _all_values(b) for axis in v.axes.values()):
+            why = "they are flattened with another dim"
+    if why:
+        b.fail(f"selects part of a projection whose features are used elsewhere: space "
+               f"'{rs.name}' (width {rs.width}) cannot be split into pieces of {widths} because "
+               f"{why}; split the projection's output right after the projection, or use "
+               f"separate projections")
+    offsets = [0, *itertools.accumulate(widths)][:-1]
+    rs.width = widths[0]
+    new = [sid] + [b.new_space(w, f"{rs.name}:{c}") for c, w in enumerate(widths[1:], 1)]
+    b.slices = [replace(sl, space=s, offset=sl.offset + off) if sl.space == sid else sl
+                for sl in b.slices
+                for s, off in (zip(new, offsets) if sl.space == sid else [(None, 0)])]
+    segs = tuple(Segment(s) for s in new)
+    swap = lambda axis: tuple(t for s in axis for t in (segs if s == Segment(sid) else (s,)))
+    for v in _all_values(b):
+        for d, axis in v.axes.items():
+            if Segment(sid) in axis:
+                v.axes[d] = swap(axis)
+        pt = v.origin.get(sid)
+        if pt is not None:
+            for s, off in zip(new[1:], offsets[1:]):
+                v.origin[s] = replace(pt, offset=pt.offset + off)
+    sizes = getattr(b, "sizes", [])
+    for i, (name, arg, index, kind, what) in enumerate(sizes):
+        if kind == "extent" and Segment(sid) in what:
+            sizes[i] = (name, arg, index, kind, swap(what))
+    return new
+
+
+def _all_values(b):
+    for v in list(b.values.values()):
+        if isinstance(v, Pieces):
+            yield from v.pieces
+        if isinstance(v, AVal):
+            yield v
+
+
+def _cut_axis(ctx: ACtx, axis: tuple, widths: list[int]) -> list[tuple]:
+    """``axis`` cut into consecutive parts of ``widths``, splitting fresh spaces as needed."""
+    b = ctx.b
+    bounds = set(itertools.accumulate(widths))
+    segs, start = [], 0
+    for seg in axis:
+        n = b.axis_width((seg,))
+        inside = sorted(c - start for c in bounds if start < c < start + n)
+        if not inside:
+            segs.append(seg)
+        elif not _plain(seg):
+            b.fail(f"splits feature dim inside a flattened segment {seg} (pieces of {widths}); "
+                   f"only whole features can be merged")
+        else:
+            rs, cuts = b.raw[seg.space], list(zip([0, *inside], [*inside, n]))
+            if rs.fixed:                 # never permuted: each piece is a fixed space of its own
+                segs += [Segment(b.new_space(e - s, f"{rs.name}[{s}:{e}]", fixed=rs.fixed))
+                         for s, e in cuts]
+            else:
+                segs += [Segment(s) for s in split_space(b, seg.space, [e - s for s, e in cuts])]
+        start += n
+    parts, it = [], iter(segs)
+    for w in widths:
+        part, got = [], 0
+        while got < w:
+            s = next(it)
+            part.append(s)
+            got += b.axis_width((s,))
+        parts.append(tuple(part))
+    return parts
+
+
+@dataclass(frozen=True)
+class Split:
+    """split / split_with_sizes / chunk / tensor_split (``keepdim``) and unbind (not)."""
+
+    dim_arg: int = 2
+    keepdim: bool = True
+    sizes_arg: int | None = None
+    name: str = "split"
+
+    def apply(self, ctx: ACtx):
+        _install_piece()
+        b = ctx.b
+        x = ctx.first()
+        _refuse_heads(ctx, x, "splits")
+        metas = ctx.node.meta.get("tensor_meta")
+        if not isinstance(metas, (tuple, list)):
+            b.fail("has no tuple of output shapes (shape propagation did not record them)")
+        shapes = [tuple(int(s) for s in m.shape) for m in metas]
+        dim = int(ctx.arg(self.dim_arg, "dim", 0)) % x.ndim
+        if not self.keepdim:
+            if dim in x.axes:
+                b.fail(f"unbinds feature dim {dim} into single units; only whole features can be "
+                       f"merged")
+            down = lambda d: d - (d > dim)
+            pieces = [{down(d): a for d, a in x.axes.items()} for _ in shapes]
+        elif dim not in x.axes:
+            pieces = [dict(x.axes) for _ in shapes]
+        else:
+            widths = [s[dim] for s in shapes]
+            if sum(widths) != x.shape[dim]:
+                b.fail(f"splits dim {dim} of extent {x.shape[dim]} into pieces {widths} that do "
+                       f"not cover it")
+            axis = b.axis_of(x, dim, "this split")
+            parts = _cut_axis(ctx, axis, [w for w in widths if w])
+            it = iter(parts)
+            pieces = []
+            for i, w in enumerate(widths):
+                p = {d: a for d, a in x.axes.items() if d != dim}
+                if w:
+                    p[dim] = next(it)
+                    if self.sizes_arg is not None:       # split_with_sizes: rewritten on resize
+                        b.size_arg(ctx.node, self.sizes_arg, i, "extent", p[dim])
+                pieces.append(p)
+        out = Pieces((), raw=x.raw, pieces=[AVal(s, a, x.raw) for s, a in zip(shapes, pieces)])
+        out.origin.update(x.origin)
+        return out
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``operator.getitem``: a piece of a :class:`Split`'s tuple; of anything else, nothing
+    (sizes, shapes: the META rule it replaces)."""
+
+    name: str = "getitem"
+
+    def apply(self, ctx: ACtx):
+        src = ctx.b.values.get(ctx.node.args[0])
+        if not isinstance(src, Pieces):
+            return None
+        p = src.pieces[ctx.node.args[1]]
+        return ctx.emit(dict(p.axes), raw=p.raw, sources=(src,))
+
+
+PIECE = Piece()
+
+
+def _install_piece() -> None:
+    """Make :class:`Piece` the table's getitem rule.
+
+    :data:`FUSED_RULES` lists it, but the table spreads FUSED_RULES *before* its META entries,
+    whose ``operator.getitem: META`` then wins; until the table lists FUSED_RULES last, the first
+    split lowered installs it (Piece returns None, as META does, for every other tuple).
+    """
+    from hmir.frontends import aten_table
+
+    if aten_table.ATEN_RULES.get(operator.getitem) is not PIECE:
+        aten_table.ATEN_RULES[operator.getitem] = PIECE
+
+
+_SPLIT, _SIZES = Split(), Split(sizes_arg=1)
+
+FUSED_RULES: dict[object, object] = {
+    aten.addmm: ParamMatmul(a_arg=1, b_arg=2, bias_arg=0, names=("mat1", "mat2")),
+    aten.mm: ParamMatmul(),
+    aten.bmm: ParamMatmul(),
+    **{getattr(aten, n): _SPLIT for n in ("unsafe_split", "chunk", "unsafe_chunk", "tensor_split")
+       if hasattr(aten, n)},
+    **{getattr(aten, n): _SIZES for n in ("split", "split_with_sizes", "unsafe_split_with_sizes")
+       if hasattr(aten, n)},
+    aten.unbind: Split(dim_arg=1, keepdim=False),
+    operator.getitem: PIECE,
+}
