@@ -76,6 +76,17 @@ class MergeResult:
 
         return export_onnx(self.module, self.example if example is None else example, path, atol=atol)
 
+    def to_pretrained(self, *, rtol: float = 1e-4):
+        """The merged model as an instance of model A's Hugging Face class with a new config
+        (hidden/intermediate sizes, heads, layers from the merged weights), in eval mode, checked
+        to match ``self.module`` on ``self.example``; ``generate()``/``save_pretrained()`` work.
+        Raises :class:`hmir.backend.hf.RebuildError` where no config of A's class expresses
+        the merge (then ``self.module`` is the merged model). See
+        :func:`hmir.backend.hf.rebuild_pretrained`."""
+        from hmir.backend.hf import rebuild_pretrained
+
+        return rebuild_pretrained(self, rtol=rtol)
+
 
 def compile_merge(a: nn.Module, b: nn.Module, data, *, method: str = "zip", depth="lma",
                   width=None, repair: bool = True, max_batches: int | None = None,
