@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from hmir.frontends.aten_rules import ACtx, AVal, heads_of
+from hmir.frontends.aten_rules import ACtx, AVal, heads_of, split_head_units
 from hmir.frontends.rules import ParamOp
 from hmir.ir import Segment
 
@@ -262,12 +262,19 @@ class Split:
         _install_piece()
         b = ctx.b
         x = ctx.first()
-        _refuse_heads(ctx, x, "splits")
         metas = ctx.node.meta.get("tensor_meta")
         if not isinstance(metas, (tuple, list)):
             b.fail("has no tuple of output shapes (shape propagation did not record them)")
         shapes = [tuple(int(s) for s in m.shape) for m in metas]
         dim = int(ctx.arg(self.dim_arg, "dim", 0)) % x.ndim
+        if heads_of(x):                          # a fused q|k|v head: runs of every head's units
+            heads = split_head_units(ctx, x, dim, [s[dim] for s in shapes]) if self.keepdim \
+                else None
+            if heads is None or x.axes:
+                _refuse_heads(ctx, x, "splits")
+            out = Pieces((), pieces=[AVal(s, {}, heads=h) for s, h in zip(shapes, heads)])
+            out.origin.update(x.origin)
+            return out
         if not self.keepdim:
             if dim in x.axes:
                 b.fail(f"unbinds feature dim {dim} into single units; only whole features can be "
@@ -309,7 +316,7 @@ class Piece:
         if not isinstance(src, Pieces):
             return None
         p = src.pieces[ctx.node.args[1]]
-        return ctx.emit(dict(p.axes), raw=p.raw, sources=(src,))
+        return ctx.emit(dict(p.axes), raw=p.raw, sources=(src,), heads=dict(p.heads))
 
 
 PIECE = Piece()

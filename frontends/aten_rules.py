@@ -13,7 +13,7 @@ Example::
 
     >>> from hmir.frontends.aten_rules import Head
     >>> Head(d=3, space=5)
-    Head(d=3, space=5, merged=False)
+    Head(d=3, space=5, merged=False, lo=0, hi=None, rep=1)
 """
 from __future__ import annotations
 
@@ -362,3 +362,23 @@ def cat_heads(ctx: ACtx, tensors: list, dim: int):
     heads = dict(first)
     heads[h] = replace(first[h], lo=lo, hi=hi)
     return ctx.emit({}, sources=tuple(tensors), heads=heads)
+
+
+def split_head_units(ctx: ACtx, x, dim: int, widths: list[int]) -> list[dict[int, Head]] | None:
+    """Heads of each piece when ``x`` is split along the units of its heads (a fused q|k|v
+    head: ``qkv.view(B, S, H, 3d).chunk(3, -1)``): each piece shows a run of every head's
+    units, cut there. None when ``dim`` is not the units dim of a head; splitting the head
+    dim itself is an error."""
+    heads = heads_of(x)
+    if dim in heads:
+        ctx.b.fail("splits the attention heads themselves; hmir merges whole sets of heads")
+    h = next((h for h, hd in heads.items() if hd.d == dim), None)
+    if h is None:
+        return None
+    lo, _ = heads[h].units(x.shape)
+    out = []
+    for w in widths:
+        ctx.b.cut(heads[h].space, lo, lo + w)
+        out.append({**heads, h: replace(heads[h], lo=lo, hi=lo + w)})
+        lo += w
+    return out

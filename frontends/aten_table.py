@@ -71,7 +71,6 @@ ATEN_RULES: dict[object, object] = {
     **{getattr(aten, n): APermute() for n in ("permute", "transpose", "t")},
     aten.scaled_dot_product_attention: Attention(),
     aten.matmul: MatMul(),
-    **FUSED_RULES,
     aten.sym_size: META,
     aten.sym_numel: META,
     aten._assert_tensor_metadata: META,
@@ -79,6 +78,7 @@ ATEN_RULES: dict[object, object] = {
     aten.sym_constrain_range_for_size: META,
     **{f: META for f in (operator.mul, operator.add, operator.sub, operator.floordiv,
                          operator.truediv, operator.getitem, torch.sym_int, torch.sym_float)},
+    **FUSED_RULES,                  # last: its getitem hands out the pieces of a split
 }
 
 

@@ -30,6 +30,8 @@ FAMILIES = {                       # name: (hf_zoo family, config overrides)
     "qwen2": ("qwen2", {}),
     "phi": ("phi", {}),
     "t5": ("t5", {}),
+    "gpt2": ("gpt2", {}),
+    "gpt_neox": ("gpt_neox", {}),
 }
 FAST = ("llama_gqa", "phi")
 _CACHE: dict = {}
@@ -70,8 +72,8 @@ def test_permutation_invariance(name):
     m, ir, p = family(name)
     x = hf_zoo.tokens(seed=3)
     moved = [n for n, t in m.state_dict().items() if not torch.equal(t, p.state_dict()[n])]
-    assert any("q_proj" in n or "query" in n or ".q." in n or "qkv" in n or "Wqkv" in n
-               for n in moved), moved                  # attention heads really moved
+    assert any(w in n for n in moved for w in ("q_proj", "query", ".q.", "c_attn")), moved
+    # attention heads really moved
     assert rel(run(m, x), run(p, x)) < 1e-4
 
 
@@ -111,6 +113,8 @@ def test_structure_recorded():
     _, ir, _ = family("llama_gqa")
     views = [s.view for s in ir.spaces if s.view is not None]
     assert views and {v.rep for v in views} == {4}
+    _, ir, _ = family("gpt_neox")                   # fused q|k|v heads: q, k pinned, v free
+    assert ((0, 32, True), (32, 48, False)) in {s.parts for s in ir.spaces}
     _, ir, _ = family("t5")
     bias = next(s for s in ir.spaces if any("relative_attention_bias" in sl.param for sl in s.slices))
     assert bias.group_size == 1 and bias.group_class in {s.group_class for s in ir.spaces
