@@ -5,20 +5,8 @@ units (depth merges) as ``hmir_inserted.stage<s>_pos<j>.<template name, dots as 
 :func:`rebuild_pretrained` numbers each ``nn.ModuleList``'s layers in the order the graph runs
 them, derives the config from A's and the merged shapes through the config's own keys (no model
 family hard-coded), loads the weights strictly and checks parity with the merged program.
-Where no config of A's class expresses the merge it raises :class:`RebuildError`.
-
-Example (not a Hugging Face model; :func:`rebuild_pretrained` merges two BERTs)::
-
-    >>> import hmir
-    >>> from hmir.harness import zoo
-    >>> batches = [torch.randn(8, 4) for _ in range(2)]
-    >>> result = hmir.compile_merge(zoo.mlp(4, (8,), 2), zoo.mlp(4, (8,), 2), batches, progress=False)
-    >>> try:
-    ...     rebuild_pretrained(result)
-    ... except RebuildError as e:
-    ...     print(e)
-    cannot rebuild ... class: the source model (Sequential) is not a Hugging Face ...; result.module is
-    the merged model in general (a GraphModule that runs, exports to ONNX)
+Where no config of A's class expresses the merge it raises :class:`RebuildError` (an example:
+:func:`rebuild_pretrained`). torchvision models (no config) are not covered.
 """
 from __future__ import annotations
 
@@ -216,13 +204,12 @@ def _set_layers(cfg, own: dict, key: str, n_old: int, n_new: int) -> None:
 
 def _tied(model: nn.Module) -> set[str]:
     """Names of parameters that share their tensor with another (kept) name."""
-    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    return every - dict(model.named_parameters()).keys()
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - \
+        {n for n, _ in model.named_parameters()}
 
 
 def _mismatch(model: nn.Module, state: dict) -> list[str]:
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = _tied(model)
+    want, tied = {k: tuple(v.shape) for k, v in model.state_dict().items()}, _tied(model)
     bad = [f"{k}: no such tensor in the class" for k in state if k not in want]
     bad += [f"{k}: missing from the merged weights" for k in want if k not in state and k not in tied]
     return bad + [f"{k}: merged {tuple(state[k].shape)}, class {want[k]}" for k in want
@@ -241,9 +228,8 @@ def _no_fit(source: nn.Module, state: dict, tried: list) -> str:
 
 # -- weights and parity -----------------------------------------------------------------
 def _load(model: nn.Module, state: dict) -> nn.Module:
-    ref = next((t for t in state.values() if t.is_floating_point()), None)
-    if ref is not None:
-        model.to(device=ref.device, dtype=ref.dtype)
+    ref = next(t for t in state.values() if t.is_floating_point())
+    model.to(device=ref.device, dtype=ref.dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     left = sorted(set(missing) - _tied(model))
     if left or unexpected:
