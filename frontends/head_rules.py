@@ -91,6 +91,7 @@ class AReshape:
                 axes[j] = x.axes[i]
             if i in xh:
                 heads[j] = replace(xh[i], d=None if xh[i].d is None else -xh[i].d - 1)
+            self._literal(ctx, xh, i, j)
             return
         if feat and not hdims and not ddims and len(feat) == 1:
             return self._split(ctx, x, a, o, feat[0], big_i, big_o, axes, heads, gi, gj)
@@ -98,6 +99,17 @@ class AReshape:
             return self._heads(ctx, x, a, o, hdims, ddims, big_i, big_o, axes, heads, gj)
         b.fail(f"reshapes {tuple(x.shape)} -> {ctx.out_shape()} in a way hmir cannot follow "
                f"(input dims {gi} become output dims {gj})")
+
+    def _literal(self, ctx, xh: dict, i: int, j: int) -> None:
+        """A literal size of a head dim kept by a view (``reshape(B, -1, S, d)``) is a head's
+        units or the head count: the backend rewrites it when widths change."""
+        if self.sizes_arg != 1:
+            return
+        for h, hd in xh.items():
+            if hd.d == i and hd.whole(ctx.b):
+                ctx.b.size_arg(ctx.node, 1, j, "units", hd.space)
+            elif h == i and not hd.merged and hd.rep == 1:
+                ctx.b.size_arg(ctx.node, 1, j, "groups", hd.space)
 
     def _split(self, ctx, x, a, o, f, big_i, big_o, axes, heads, gi, gj) -> None:
         b, axis = ctx.b, x.axes[f]
