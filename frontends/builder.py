@@ -179,14 +179,12 @@ class Builder:
 
     # -- finalisation ----------------------------------------------------------------
     def _tie_shared_params(self) -> None:
-        """Slices of one parameter dim at one offset from several calls mean one space."""
-        first: dict[tuple, int] = {}
-        for sl in self.slices:
-            key = (sl.param, sl.dim, sl.offset, sl.role, sl.inner, sl.outer, sl.grouped)
-            if key in first:
-                self.uf.union(first[key], sl.space)
-            else:
-                first[key] = sl.space
+        """A tensor read by several ops or held under several names is one: one canonical
+        name, and one space per region of each dim whatever the reader's role
+        (:mod:`hmir.frontends.ties`)."""
+        from hmir.frontends.ties import tie_shared
+
+        tie_shared(self)
 
     def finalize(self, frontend: str) -> MergeIR:
         self._tie_shared_params()

@@ -2,8 +2,11 @@
 
 Along each feature dim of a parameter, each slice's units are transformed by the merge
 matrix of its space (rows: ``M_i``; columns: ``U_iᵀ``), so biases, norm affine parameters
-and running statistics are merged alike. Merge and unmerge matrices send each unit to at
-most one merged unit, so they are applied as gathers and index-adds
+and running statistics are merged alike. A tied tensor (several names, several readers) is
+merged once, as one of its readers reads it, and every name of it in the merged state holds
+that one tensor (:mod:`hmir.ir.ties`: a dim that one reader writes and another reads is
+merged with ``M`` when it is the tensor's merged dim, else with ``Uᵀ``). Merge and unmerge
+matrices send each unit to at most one merged unit, so they are applied as gathers and index-adds
 (:class:`~hmir.ir.slicing.UnitMap`), not dense products. Grouped-conv weights are expanded to their dense
 block-diagonal form, fused, and compressed back (exact when the match respects groups).
 
@@ -35,6 +38,7 @@ from hmir.algorithms.matching import Match
 from hmir.ir.pairing import SpacePair
 from hmir.ir.slicing import UnitMap, apply_map, apply_units, compress_grouped, expand_grouped
 from hmir.ir.pairing import param_map
+from hmir.ir.ties import tensor_slices
 from hmir.ir.verify import verify
 from hmir.pipeline.manager import Out, Pass, register_pass
 
@@ -94,6 +98,8 @@ def fuse(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], matches: list[Mat
     by_b = _slices_by_param(ir_b)
     merged = {}
     for name, t in state_a.items():
+        if name in ir_a.ties:
+            continue                     # an alias of a tied tensor: set below
         if name not in by_a:
             merged[name] = t.clone()
             continue
@@ -107,15 +113,16 @@ def fuse(ir_a: MergeIR, ir_b: MergeIR, pairs: list[SpacePair], matches: list[Mat
             continue
         wa = _transform(ir_a, t.float(), by_a[name], maps_a)
         merged[name] = (wa + wb).to(t.dtype)
-    return merged
+    for alias, canon in ir_a.ties.items():
+        if alias in state_a:
+            merged[alias] = merged[canon] if canon in merged else state_a[alias].clone()
+    return {name: merged[name] for name in state_a}          # A's order
 
 
 def _slices_by_param(ir: MergeIR) -> dict[str, list[Slice]]:
-    out: dict[str, list[Slice]] = {}
-    for s in ir.spaces:
-        for sl in s.slices:
-            out.setdefault(sl.param, []).append(sl)
-    return out
+    """One slice per region of each parameter (a tied tensor is transformed once, as one of
+    its readers reads it: :func:`hmir.ir.ties.tensor_slices`)."""
+    return tensor_slices(ir)
 
 
 class Fuse(Pass):

@@ -29,9 +29,21 @@ class Interpolate(Pass):
         names = param_map(ir_a, ir_b, state.pairs)
         aligned = align_state(ir_a, ir_b, state_b, state.weight_matching, names=names,
                               state_a=state_a)
-        merged = interpolate(state_a, aligned, state.params["lam"], layers=state.params["layers"])
+        layers = _with_ties(ir_a.ties, state_a, state.params["layers"])
+        merged = interpolate(state_a, aligned, state.params["lam"], layers=layers)
         verify(ir_a, merged)
         return Out({"merged": merged})
+
+
+def _with_ties(ties: dict[str, str], keys, layers):
+    """``layers`` plus every other name of a tied tensor one of whose names it selects (a
+    tied tensor is merged under all its names or under none)."""
+    if layers is None or not ties:
+        return layers
+    prefixes = [layers] if isinstance(layers, str) else list(layers)
+    hit = {k for k in keys if any(k == p or k.startswith(p + ".") for p in prefixes)}
+    extra = {n for alias, canon in ties.items() if {alias, canon} & hit for n in (alias, canon)}
+    return prefixes + sorted(extra - hit)
 
 
 register_pass(Interpolate())

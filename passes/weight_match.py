@@ -252,7 +252,8 @@ def align_state(ir_a: MergeIR, ir_b: MergeIR, state_b: dict, wm: WeightMatch, *,
 
     Sliced tensors (running statistics included) are mapped with ``wm.perms``; A's units
     with no B unit get zeros. Unsliced tensors (``num_batches_tracked``) are copied from
-    B's tensor of the same name when the shapes agree, else A's are kept. ``state_a``
+    B's tensor of the same name when the shapes agree, else A's are kept; every name of a
+    tied tensor holds one aligned tensor (:mod:`hmir.ir.ties`). ``state_a``
     defaults to the state of ``ir_a.graph_module`` (only its names and shapes are needed).
 
     Example::
@@ -273,6 +274,8 @@ def align_state(ir_a: MergeIR, ir_b: MergeIR, state_b: dict, wm: WeightMatch, *,
     state_a = ir_a.graph_module.state_dict() if state_a is None else state_a
     out = {}
     for k, a in state_a.items():
+        if k in ir_a.ties:
+            continue                      # an alias of a tied tensor: its canonical's, below
         if k in layout.entries:
             b = state_b[names.get(k, k)].detach().to(a.device)
             out[k] = layout.map(k, b, a.shape, wm.perms).to(a.dtype)
@@ -280,7 +283,10 @@ def align_state(ir_a: MergeIR, ir_b: MergeIR, state_b: dict, wm: WeightMatch, *,
             out[k] = state_b[k].detach().to(device=a.device, dtype=a.dtype).clone()
         else:
             out[k] = a.detach().clone()
-    return out
+    for alias, canon in ir_a.ties.items():
+        if alias in state_a:
+            out[alias] = out[canon] if canon in out else state_a[alias].detach().clone()
+    return {k: out[k] for k in state_a}
 
 
 class WeightMatchPass(Pass):

@@ -53,6 +53,7 @@ from hmir.errors import MergeError
 from hmir.ir import MergeIR, Slice, Space
 from hmir.algorithms.matching import Match
 from hmir.ir.slicing import apply_units, expand_grouped, slice_extent, slice_index
+from hmir.ir.ties import tensor_slices
 
 __all__ = ["check_similarity_alpha", "WeightBasis", "weight_similarity", "dual_sweeps", "Sweeps"]
 
@@ -100,11 +101,8 @@ class WeightBasis:
         self.irs, self.pairs, self.matches, self.states = irs, pairs, matches, states
         self.pair_of = ({p.a: k for k, p in enumerate(pairs)}, {p.b: k for k, p in enumerate(pairs)})
         self.n_a = [irs[0].space(p.a).n for p in pairs]
-        self.slices: tuple[dict, dict] = ({}, {})
-        for side, ir in enumerate(irs):
-            for s in ir.spaces:
-                for sl in s.slices:
-                    self.slices[side].setdefault(sl.param, []).append(sl)
+        # one slice per region of each tensor (a tied tensor as one of its readers reads it)
+        self.slices: tuple[dict, dict] = (tensor_slices(irs[0]), tensor_slices(irs[1]))
 
     def _map_dim(self, side: int, t: torch.Tensor, slices: list[Slice]) -> torch.Tensor:
         """Every slice of one dim into the merged basis (or sorted, while unmatched)."""

@@ -62,8 +62,21 @@ def emit(ir: MergeIR, state: dict[str, torch.Tensor],
         _rewrite_size_args(ir, merged, width)
         merged.recompile()
     _to_state_device(merged, state)
+    _retie(merged, ir.ties)
     merged.load_state_dict(state, strict=True)
     return merged.eval()
+
+
+def _retie(module: nn.Module, ties: dict[str, str]) -> None:
+    """Every alias of a tied tensor holds its canonical's object again (design property 7:
+    resizing replaces each module's tensors one by one, which would leave two copies)."""
+    for alias, canon in ties.items():
+        prefix, _, leaf = alias.rpartition(".")
+        owner = module.get_submodule(prefix) if prefix else module
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = module.get_parameter(canon)
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = module.get_buffer(canon)
 
 
 def _to_state_device(module: nn.Module, state: dict[str, torch.Tensor]) -> None:

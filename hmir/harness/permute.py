@@ -28,6 +28,7 @@ import torch
 from hmir.ir import MergeIR, Slice
 from hmir.ir.parts import within_perm
 from hmir.ir.slicing import slice_index
+from hmir.ir.ties import tensor_slices, tie_state
 
 
 def random_permutation(ir: MergeIR, seed: int = 0) -> dict[int, torch.Tensor]:
@@ -82,19 +83,20 @@ def permute_state(ir: MergeIR, state: dict[str, torch.Tensor],
                   perms: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A new state dict with every slice of every space in ``perms`` reordered.
 
-    ``state`` is not modified.
+    A tied tensor is permuted once and every name of it holds the result. ``state`` is not
+    modified.
     """
     out = dict(state)
     grouped = []
-    for s in ir.spaces:
-        perm = perms.get(s.id)
-        if perm is None:
-            continue
-        for sl in s.slices:
+    for slices in tensor_slices(ir).values():      # a tied tensor once, each region once
+        for sl in slices:
+            perm = perms.get(sl.space)
+            if perm is None:
+                continue
             if sl.grouped:
-                grouped.append((sl, perm, s.group_size))
+                grouped.append((sl, perm, ir.space(sl.space).group_size))
             else:
                 out[sl.param] = _permute_dim(out[sl.param], sl, perm)
     for sl, perm, k in grouped:
         out[sl.param] = _permute_grouped(out[sl.param], sl, perm, k)
-    return out
+    return tie_state(ir, out)

@@ -127,6 +127,9 @@ class MergeIR:
     ones slices must cover exactly once); ``unsliced`` names tensors with no feature
     dim and why (e.g. ``num_batches_tracked``). ``meta`` holds what passes compute;
     the frontend fills ``meta["axes"]``: per graph value (node name), ``{dim: Axis}``.
+    ``ties`` maps every other name of a tensor the module holds under several names
+    (tied weights) to the one name the IR slices (:mod:`hmir.ir.ties`); by default it is
+    found from ``graph_module``.
     """
 
     name: str
@@ -136,6 +139,13 @@ class MergeIR:
     unsliced: dict[str, str]
     frontend: str = "fx"
     meta: dict[str, Any] = field(default_factory=dict)
+    ties: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.ties is None:
+            from hmir.ir.ties import find_ties
+
+            self.ties = find_ties(self.graph_module, self.param_dims, self.unsliced)
 
     def space(self, sid: int) -> Space:
         return self.spaces[sid]

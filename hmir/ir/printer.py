@@ -61,4 +61,6 @@ def format_ir(ir) -> str:
     lines += [format_space(s) for s in ir.spaces]
     if ir.unsliced:
         lines.append("  no feature dim: " + ", ".join(sorted(ir.unsliced)))
+    if ir.ties:
+        lines.append("  tied: " + ", ".join(f"{a} = {c}" for a, c in sorted(ir.ties.items())))
     return "\n".join(lines)

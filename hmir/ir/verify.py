@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 
@@ -27,8 +28,10 @@ from hmir.ir.slicing import slice_index
 def verify(ir: MergeIR, state: dict[str, torch.Tensor] | None = None) -> None:
     """Check the invariants of ``ir`` against ``state`` (default: its graph module's state).
 
-    - every tensor of the state is either sliced on its feature dims or declared unsliced;
-    - along each feature dim, the slices cover every index exactly once;
+    - every tensor of the state is either sliced on its feature dims or declared unsliced, or
+      is an alias of a tied tensor (:mod:`hmir.ir.ties`) holding the same values;
+    - along each feature dim, the slices cover every index exactly once (a region read with
+      both roles by the readers of a tied tensor counts once);
     - every free space has a producer and an observation point;
     - spaces linked in one group class have the same number of (class) groups;
     - parts cover each group; a view matches its base's group size, parts and class.
@@ -47,7 +50,9 @@ def verify(ir: MergeIR, state: dict[str, torch.Tensor] | None = None) -> None:
 def _check_declared(ir: MergeIR, state) -> list[str]:
     out = []
     for name in state:
-        if name not in ir.param_dims and name not in ir.unsliced:
+        if name in ir.ties:
+            out += _check_tie(ir, state, name)
+        elif name not in ir.param_dims and name not in ir.unsliced:
             out.append(f"parameter '{name}' is not covered by any op rule (is it used through an "
                        f"op hmir does not understand?)")
     for name in ir.param_dims:
@@ -56,10 +61,25 @@ def _check_declared(ir: MergeIR, state) -> list[str]:
     return out
 
 
+def _check_tie(ir: MergeIR, state, alias: str) -> list[str]:
+    """An alias of a tied tensor: never sliced itself, and equal to its canonical in ``state``."""
+    canon = ir.ties[alias]
+    if alias in ir.param_dims or alias in ir.unsliced:
+        return [f"'{alias}' is the same tensor as '{canon}' but the IR also covers it under its "
+                f"own name (a tied tensor must be lowered through one name)"]
+    if canon not in state:
+        return [f"'{alias}' is tied to '{canon}', which the state does not hold"]
+    a, c = state[alias], state[canon]
+    if a is not c and (a.shape != c.shape or not torch.equal(a, c)):
+        return [f"'{alias}' and '{canon}' are one parameter of the model (tied) but the state "
+                f"holds different tensors for them (shapes {tuple(a.shape)}, {tuple(c.shape)})"]
+    return []
+
+
 def _check_coverage(ir: MergeIR, state) -> list[str]:
     by_dim = defaultdict(list)
     for s in ir.spaces:
-        for sl in s.slices:
+        for sl in dict.fromkeys(replace(x, role="") for x in s.slices):   # a region once
             by_dim[(sl.param, sl.dim)].append((sl, s))
     out = []
     for param, dims in ir.param_dims.items():
