@@ -173,7 +173,7 @@ def lower_graph(gm: fx.GraphModule, example: torch.Tensor, name: str = "model") 
 
 
 _NUMBERED = re.compile(r"(^|[._])\d+$")
-_PARAM_OPS = ("linear", "conv1d", "conv2d", "conv3d")
+_PARAM_OPS = ("linear", "conv1d", "conv2d", "conv3d", "addmm")
 
 
 def block_labels(gm: fx.GraphModule) -> dict[str, str]:

@@ -68,12 +68,19 @@ class Stage:
         return f"stage {self.index}: entry '{self.pieces[0].out}' + {units} {self.kind} unit(s)"
 
 
+def _is_tensor(tm) -> bool:
+    """A tensor value, or a tuple of them (a split's pieces, read by getitem)."""
+    return hasattr(tm, "shape") or (isinstance(tm, (tuple, list)) and
+                                    any(hasattr(t, "shape") for t in tm))
+
+
 def _tensor_graph(gm: fx.GraphModule) -> tuple[nx.DiGraph, fx.Node, fx.Node]:
-    """Tensor-valued nodes and their data edges; shape-only values (x.size()) are left out."""
+    """Tensor-valued nodes (and tuples of tensors) and their data edges; shape-only values
+    (x.size()) are left out."""
     nodes = list(gm.graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     out = next(n for n in nodes if n.op == "output")
-    tensor = {n for n in nodes if hasattr(n.meta.get("tensor_meta"), "shape") or n is out}
+    tensor = {n for n in nodes if _is_tensor(n.meta.get("tensor_meta")) or n is out}
     g = nx.DiGraph()
     g.add_nodes_from(n for n in nodes if n in tensor)
     for n in g.nodes:
