@@ -12,7 +12,10 @@
   fresh projection wrote (``c_attn(x).split(n, 2)`` → q, k, v; ``gate_up(x).chunk(2, -1)``)
   splits that space into one space per piece, with each piece's slices at its offset of the
   producing weight rows and bias; boundaries between segments (a concat split back) just
-  hand each piece its segments. The op returns a tuple, read by ``operator.getitem``:
+  hand each piece its segments. Along the units of attention heads (GPT-NeoX's
+  ``qkv.view(B, S, H, 3d).chunk(3, -1)``) each piece is a run of every head's units
+  (:func:`~hmir.frontends.aten_rules.split_head_units`). The op returns a tuple, read by
+  ``operator.getitem``:
   :class:`Piece` hands out the pieces (and is the META rule for every other getitem).
 
 Example (a fused gate/up MLP: each half of ``gate_up``'s rows is a space of its own; here
@@ -259,7 +262,6 @@ class Split:
     name: str = "split"
 
     def apply(self, ctx: ACtx):
-        _install_piece()
         b = ctx.b
         x = ctx.first()
         metas = ctx.node.meta.get("tensor_meta")
@@ -320,19 +322,6 @@ class Piece:
 
 
 PIECE = Piece()
-
-
-def _install_piece() -> None:
-    """Make :class:`Piece` the table's getitem rule.
-
-    :data:`FUSED_RULES` lists it, but the table spreads FUSED_RULES *before* its META entries,
-    whose ``operator.getitem: META`` then wins; until the table lists FUSED_RULES last, the first
-    split lowered installs it (Piece returns None, as META does, for every other tuple).
-    """
-    from hmir.frontends import aten_table
-
-    if aten_table.ATEN_RULES.get(operator.getitem) is not PIECE:
-        aten_table.ATEN_RULES[operator.getitem] = PIECE
 
 
 _SPLIT, _SIZES = Split(), Split(sizes_arg=1)
