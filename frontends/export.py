@@ -44,9 +44,13 @@ class ExportBuilder(Builder):
         self.split: dict[int, list[int]] = {}
 
     def size_arg(self, node: fx.Node, arg: int | None, index: int, kind: str, what) -> None:
-        """Record that literal ``node.args[arg][index]`` is ``kind`` ("extent" of an axis, or
+        """Record that literal ``node.args[arg][index]`` (or ``node.args[arg]`` itself, an int:
+        every piece of ``split(x, n)`` records one) is ``kind`` ("extent" of an axis, or
         "units" per group of a space, or its "groups") so the backend rewrites it when widths
         change."""
+        if arg is not None and arg < len(node.args) and type(node.args[arg]) is int:
+            self.sizes.append((node.name, arg, None, kind, what))     # split(x, n): one size
+            return
         if arg is None or arg >= len(node.args) or not isinstance(node.args[arg], (list, tuple)):
             return
         sizes = node.args[arg]

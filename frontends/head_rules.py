@@ -105,6 +105,9 @@ class AReshape:
         units or the head count: the backend rewrites it when widths change."""
         if self.sizes_arg != 1:
             return
+        axis = ctx.first().axes.get(i)
+        if axis is not None:                    # (B·S, n) -> (B, S, n) after a Conv1D addmm
+            ctx.b.size_arg(ctx.node, 1, j, "extent", axis)
         for h, hd in xh.items():
             if hd.d == i and hd.whole(ctx.b):
                 ctx.b.size_arg(ctx.node, 1, j, "units", hd.space)

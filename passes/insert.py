@@ -286,9 +286,11 @@ def _flat(y) -> torch.Tensor:
 
 
 def absent_spaces(ir, zero_params: set[str]) -> set[int]:
-    """Free spaces written only by zeroed parameters: a zero block's inner features."""
-    return {s.id for s in ir.free_spaces
-            if s.producers() and all(sl.param in zero_params for sl in s.producers())}
+    """Free spaces written only by zeroed parameters: a zero block's inner features (and the
+    views of those: a zero block's attention output, its query heads under GQA)."""
+    out = {s.id for s in ir.free_spaces
+           if s.producers() and all(sl.param in zero_params for sl in s.producers())}
+    return out | {s.id for s in ir.free_spaces if s.view is not None and s.view.base in out}
 
 
 def inflate(model: nn.Module, plan, side: str, example: torch.Tensor) -> Inflation:

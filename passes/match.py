@@ -212,10 +212,11 @@ def _match_grouped(ir_a, ir_b, pairs, stats, opts: MatchOptions, ks: list[int], 
                          f"method='zip' (rectangular group alignment)")
     widths = [target_width(opts.width, sa.n, sb.n, sa.name) for sa, sb in zip(sas, sbs)]
     if any(s.view is not None for s in sas + sbs):
-        raise MergeError(f"grouped space '{sas[0].name}' ({shape}) belongs to grouped-query "
-                         f"attention (kv heads shared by query heads); hmir merges such models only "
-                         f"with equal head and kv-head counts: merge models with the same number "
-                         f"of kv heads, or use method='mal' (keeps A's heads)")
+        raise MergeError(f"grouped space '{sas[0].name}' ({shape}) shares its heads with a view "
+                         f"(grouped-query attention: kv heads serve several query heads, or a fused "
+                         f"q|k|v head); hmir merges such attention only with equal head counts and "
+                         f"head sizes in both models: merge models with the same heads and kv "
+                         f"heads, or use method='mal' (keeps A's heads)")
     if keeps_group_size(ir_a, sas[0]) or keeps_group_size(ir_b, sbs[0]):
         ms = match_groups_keep([stats[k].corr(dtype=torch.float32) for k in ks], sas, sbs, widths,
                                alpha=opts.alpha, beta=opts.beta)

@@ -14,7 +14,7 @@ import torch
 
 from conftest import slow_except
 from hmir import compile_merge
-from hmir.errors import MergeError
+from hmir.errors import IncompatibleModelsError, MergeError
 from hmir.frontends.export import lower
 from hmir.harness import hf_zoo
 from hmir.harness.permute import permute_state, random_permutation
@@ -138,8 +138,8 @@ def test_self_merge_and_recovery(name, method):
         assert rel(y, run(r.module, x)) < 1e-5
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama", "t5"])
+@pytest.mark.parametrize("name", slow_except(
+    ["llama", "llama_gqa", "mistral", "qwen2", "phi", "t5", "gpt2", "gpt_neox"], "gpt2"))
 def test_depth_heterogeneous(name):
     fam, over = FAMILIES[name]
     a = hf_zoo.build(fam, layers=2, **over)
@@ -160,6 +160,30 @@ def test_width_heterogeneous_rotary_heads():
     q = r.module.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     assert q.shape == (128, 128)
     assert any("whole heads zipped to 8 heads of 16 units" in n for n in r.report.notes)
+
+
+@pytest.mark.parametrize("name", slow_except(["mistral", "qwen2", "phi", "gpt2"], "gpt2"))
+def test_width_heterogeneous(name):
+    """64 wide / 4 heads + 128 wide / 8 heads merge (rotary families: 8 heads of 16; GPT-2,
+    no rotary: A's 4 heads of 32, its c_attn split size rewritten)."""
+    fam, over = FAMILIES[name]
+    a, b = hf_zoo.build(fam, **over), hf_zoo.build(fam, hidden=128, heads=8, seed=1, **over)
+    r = compile_merge(a, b, hf_zoo.tokens(3), method="zip", progress=False)
+    assert torch.isfinite(run(r.module, hf_zoo.tokens(seed=5))).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kw,error,message", [
+    ("gpt_neox", {}, MergeError, "shares its heads with a view"),
+    ("t5", {}, IncompatibleModelsError, "does not correspond"),
+])
+def test_width_heterogeneous_refused(name, kw, error, message):
+    """Fused q|k|v heads of different head counts, and an encoder whose output width differs,
+    are clear errors."""
+    fam, over = FAMILIES[name]
+    a, b = hf_zoo.build(fam, **over), hf_zoo.build(fam, hidden=128, heads=8, seed=1, **over)
+    with pytest.raises(error, match=message):
+        compile_merge(a, b, hf_zoo.tokens(2), method="zip", progress=False)
 
 
 def test_gqa_different_kv_heads_is_a_clear_error():

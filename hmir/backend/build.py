@@ -185,10 +185,18 @@ def _rewrite_size_args(ir: MergeIR, gm: fx.GraphModule, width: dict[int, int]) -
     per group (a head's size in ``view(B, S, H, d)``), "groups" its group count (heads)."""
     gsize = {s.id: resized_group_size(ir, s, width[s.id]) for s in ir.spaces}
     todo = ir.meta.get("size_args", {})
+    split_sizes: dict[tuple[str, int], int] = {}
     for node in gm.graph.nodes:
         for arg, index, kind, what in todo.get(node.name, ()):
             new = (axis_extent(what, width) if kind == "extent" else gsize[what] if kind == "units"
                    else width[what] // gsize[what])
+            if index is None:                    # split(x, n): every piece must keep one size
+                if split_sizes.setdefault((node.name, arg), new) != new:
+                    raise MergeError(f"{ir.name}: node '{node.name}' splits into pieces of one "
+                                     f"size, but the merged pieces have different widths; give "
+                                     f"the pieces' spaces equal widths (width=...)")
+                node.update_arg(arg, new)
+                continue
             sizes = list(node.args[arg])
             sizes[index] = new
             node.update_arg(arg, type(node.args[arg])(sizes))
