@@ -97,3 +97,93 @@ class Embedding:
         sid = ctx.b.new_space(shape[1], ctx.node.name)
         ctx.b.add_slice(w, 1, sid, "out")
         return ctx.emit({len(ctx.out_shape()) - 1: (Segment(sid),)})
+
+
+def _is_param(v) -> bool:
+    return v is not None and v.param is not None and getattr(v, "pdims", None) is None
+
+
+def refuse_heads(ctx: ACtx, v, what: str) -> None:
+    if heads_of(v):
+        ctx.b.fail(f"{what} a tensor split into attention heads; hmir follows heads only through "
+                   f"reshapes, transposes, elementwise ops and scaled_dot_product_attention "
+                   f"(split the projection before its view into heads)")
+
+
+# -- matrix products with a parameter ------------------------------------------------------
+@dataclass(frozen=True)
+class ParamMatmul:
+    """``addmm(bias, a, b)`` / ``mm(a, b)`` / ``bmm(a, b)`` with ``a`` or ``b`` a parameter.
+
+    ``x @ W`` (W of shape (…, in, out), GPT-2's Conv1D): W's dim -2 reads x's last dim and W's
+    dim -1 writes a new space at the output's last dim. ``W @ x`` (W of shape (…, out, in)):
+    W's dim -1 reads x's dim -2, W's dim -2 writes the output's dim -2. ``bias_arg`` names the
+    added tensor of ``addmm``.
+    """
+
+    a_arg: int = 0
+    b_arg: int = 1
+    bias_arg: int | None = None
+    names: tuple[str, str] = ("self", "mat2")
+    name: str = "param_matmul"
+
+    def apply(self, ctx: ACtx):
+        b = ctx.b
+        a, m = (ctx.val(ctx.arg(i, n)) for i, n in zip((self.a_arg, self.b_arg), self.names))
+        if a is None or m is None:
+            b.fail("multiplies something that is not a tensor value")
+        if _is_param(a) and _is_param(m):
+            b.fail(f"multiplies two parameters ({a.param} @ {m.param}); hmir slices a parameter "
+                   f"only where it multiplies a feature tensor")
+        if not (_is_param(a) or _is_param(m)):
+            b.fail(f"multiplies two computed tensors of shapes {tuple(a.shape)} and "
+                   f"{tuple(m.shape)} (an attention-like product, not a layer); this rule lowers "
+                   f"matrix products with a parameter only (x @ W, W @ x)")
+        w, x, right = (m, a, True) if _is_param(m) else (a, m, False)
+        refuse_heads(ctx, x, "multiplies")
+        nd = x.ndim
+        xdim = nd - 1 if right else nd - 2
+        w_in, w_out = (w.ndim - 2, w.ndim - 1) if right else (w.ndim - 1, w.ndim - 2)
+        for d in range(nd - 2):                                   # bmm: the batch of matrices
+            if d in x.axes:
+                b.fail(f"multiplies by a batch of weight matrices along dim {d}, which carries "
+                       f"features")
+        axis = b.axis_of(x, xdim, "this matrix product")
+        b.read_point(x, axis)
+        out = ParamOp(w_out=w_out, w_in=w_in)._dense(b, w.param, tuple(w.shape), axis, [],
+                                                     ctx.node.name)
+        odim = nd - 1 if right else nd - 2
+        axes = {d: ax for d, ax in x.axes.items() if d != xdim}
+        axes[odim] = out
+        if self.bias_arg is not None:
+            bias = ctx.val(ctx.arg(self.bias_arg, "self", None))
+            if bias is not None:
+                refuse_heads(ctx, bias, "adds")
+                self._join_bias(ctx, bias, axes)
+        return ctx.emit(axes, sources=(x,))
+
+    @staticmethod
+    def _join_bias(ctx: ACtx, bias, axes: dict) -> None:
+        """The added tensor joins the product's feature dims as an elementwise add would."""
+        b, out = ctx.b, ctx.out_shape()
+        shift = len(out) - bias.ndim
+        sliced = False
+        for d, axis in list(axes.items()):
+            bd = d - shift
+            if bd < 0 or bias.shape[bd] == 1 and out[d] > 1:
+                continue                                          # broadcast along this dim
+            if _is_param(bias):
+                b.axis_slices(bias.param, bd, axis, "out")
+                sliced = True
+            elif bd in bias.axes:
+                axes[d] = b.union_axes(axis, bias.axes[bd])
+            elif bias.raw:
+                axes[d] = b.union_axes(axis, b.axis_of(bias, bd))
+            else:
+                b.fail(f"adds a tensor of shape {tuple(bias.shape)} whose dim {bd} carries no "
+                       f"known feature layout to the product's features")
+        if _is_param(bias) and not sliced and bias.param not in b.param_dims:
+            b.declare(bias.param, reason="added to a matrix product along no feature dim")
+        for bd in bias.axes:
+            if bd + shift not in axes:
+                b.fail(f"adds a tensor whose dim {bd} carries features the product lacks")

@@ -22,8 +22,8 @@ import torch
 from hmir.errors import HMIRError
 from hmir.frontends.aten_fused_rules import FUSED_RULES
 from hmir.frontends.aten_param_rules import Conv, Embedding, Linear, Norm
-from hmir.frontends.aten_rules import (ACat, APointwise, Expand, Featureless, NoHeads, Select,
-                                       SliceRule)
+from hmir.frontends.aten_rules import APointwise, Expand, Featureless, NoHeads
+from hmir.frontends.aten_select_rules import ACat, Select, SliceRule
 from hmir.frontends.head_rules import APermute, AReshape, Attention, MatMul
 from hmir.frontends.rules import Meta, Spatial
 from hmir.frontends.shape_rules import Reduce

@@ -4,9 +4,10 @@ Methods come from the registry :mod:`hmir.pipeline.methods` (``avg``, ``permute`
 and any a user registers: each has a ``solve`` for one free space); fixed spaces
 (model input/output) are always averaged unaligned. Grouped spaces (group size > 1) are
 matched as whole groups first (Hungarian on per-group-pair scores summed over the group
-class), then unit by unit within each paired group; the report says so. Group classes
-whose group counts or sizes differ go through rectangular group alignment
-(:mod:`hmir.algorithms.groups`, zip methods only).
+class), then unit by unit within each paired group, keeping pinned (rotary) units in place
+and following views (grouped-query heads); the report says so. Group classes whose group
+counts or sizes differ go through rectangular group alignment (:mod:`hmir.algorithms.groups`,
+zip methods only); classes with pinned units keep their head size and zip whole heads.
 
 With ``similarity_alpha`` set (MuDSC, :mod:`hmir.algorithms.dual`), ungrouped free spaces are matched
 on ``α·activation + (1−α)·weight`` similarity, sweeping over the spaces until no match
@@ -34,14 +35,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from hmir.algorithms.dual import check_similarity_alpha, dual_sweeps
 from hmir.errors import MergeError
-from hmir.algorithms.groups import match_groups_keep, match_groups_rect, within_match
+from hmir.algorithms.groups import match_group_class, match_groups_keep, match_groups_rect
 from hmir.ir.parts import keeps_group_size
 from hmir.ir import MergeIR, Space
-from hmir.algorithms.matching import Match, _build, match_avg, match_keep
+from hmir.algorithms.matching import Match, match_avg, match_keep
 from hmir.ir.pairing import SpacePair, absent_pair  # noqa: F401  (absent_pair lived here)
 from hmir.passes.observe import SpaceStats
 from hmir.pipeline.manager import Out, Pass, register_pass
@@ -200,7 +200,8 @@ def _match_grouped(ir_a, ir_b, pairs, stats, opts: MatchOptions, ks: list[int], 
     sas, sbs = [ir_a.space(pairs[k].a) for k in ks], [ir_b.space(pairs[k].b) for k in ks]
     names = ", ".join(s.name for s in sas)
     if all(sa.n == sb.n and sa.group_size == sb.group_size for sa, sb in zip(sas, sbs)):
-        for k, m in zip(ks, _match_group_class([stats[k] for k in ks], sas)):
+        corrs = [stats[k].corr(dtype=torch.float32).cpu() for k in ks]
+        for k, m in zip(ks, match_group_class(corrs, sas)):
             out[k] = m
         return (f"grouped spaces [{names}]: group alignment then within-group permutation "
                 f"(method {opts.method!r} applies to ungrouped spaces)")
@@ -240,67 +241,6 @@ def _width(opts: MatchOptions, sa: Space, sb: Space, ir_a: MergeIR, ir_b: MergeI
             f"width {r} asked); method {opts.method!r} pairs units one to one and needs equal "
             f"widths: use method='zip' (elastic zipping to any width)")
     return r
-
-
-def _hungarian(score: torch.Tensor) -> torch.Tensor:
-    rows, cols = linear_sum_assignment(score.detach().cpu().double().numpy(), maximize=True)
-    return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
-
-
-def _match_group_class(stats: list[SpaceStats], spaces: list[Space]) -> list[Match]:
-    """Group alignment for spaces sharing one group permutation (design.md, MuDSC).
-
-    Bases (spaces that are no view) score every group pair by the best within-group matching
-    their parts allow (pinned units stay in place); the group permutation maximises the sum.
-    A view then follows its base, and the order of its copies inside each group (grouped-query
-    heads) is matched by Hungarian on the views' correlations.
-    """
-    corrs = [st.corr(dtype=torch.float32).cpu() for st in stats]
-    index = {s.id: i for i, s in enumerate(spaces)}
-    bases = [i for i, s in enumerate(spaces) if s.view is None]
-    G = spaces[bases[0]].class_groups
-    total = torch.zeros(G, G, dtype=torch.float64)
-    within: dict[int, dict] = {}
-    for i in bases:
-        s, k = spaces[i], spaces[i].group_size
-        cross = corrs[i][:s.n, s.n:].reshape(G, k, G, k).permute(0, 2, 1, 3)
-        within[i] = {}
-        for g in range(G):
-            for h in range(G):
-                perm = within_match(cross[g, h], s.parts)
-                within[i][g, h] = perm
-                total[g, h] += cross[g, h][torch.arange(k), perm].mean()
-    sigma = _hungarian(total)
-    rho = {i: torch.stack([within[i][g, int(sigma[g])] for g in range(G)]) for i in bases}
-    tau = _copy_orders(corrs, spaces, index, sigma, rho)
-    out = []
-    for corr, s in zip(corrs, spaces):
-        k, v = s.group_size, s.view
-        rep = v.rep if v else 1
-        units = rho[index[v.base]][:, v.lo:v.lo + k] - v.lo if v else rho[index[s.id]]
-        order = tau.get((rep, s.group_class), torch.arange(rep).repeat(G, 1))
-        old = (sigma.view(-1, 1) * rep + order).unsqueeze(-1) * k + units.unsqueeze(1)
-        groups = [(i, s.n + int(j)) for i, j in enumerate(old.flatten())]
-        out.append(_build(groups, 2 * s.n, corr, corr.device, torch.float32))
-    return out
-
-
-def _copy_orders(corrs, spaces, index, sigma, rho) -> dict:
-    """Per (rep, class): for each group, the order of B's copies matched to A's (Hungarian)."""
-    G, out = len(sigma), {}
-    views = [i for i, s in enumerate(spaces) if s.view is not None and s.view.rep > 1]
-    for rep in sorted({spaces[i].view.rep for i in views}):
-        score = torch.zeros(G, rep, rep, dtype=torch.float64)
-        for i in (i for i in views if spaces[i].view.rep == rep):
-            s, v = spaces[i], spaces[i].view
-            k = s.group_size
-            cross = corrs[i][:s.n, s.n:].reshape(G, rep, k, G, rep, k)
-            units = rho[index[v.base]][:, v.lo:v.lo + k] - v.lo
-            for g in range(G):
-                blk = cross[g, :, :, int(sigma[g])][:, :, :, units[g]]       # (rep, k, rep, k)
-                score[g] += blk.diagonal(dim1=1, dim2=3).mean(-1)
-        out[rep, spaces[views[0]].group_class] = torch.stack([_hungarian(score[g]) for g in range(G)])
-    return out
 
 
 class MatchPass(Pass):

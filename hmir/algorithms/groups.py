@@ -32,7 +32,8 @@ from hmir.errors import MergeError
 from hmir.ir import Space
 from hmir.algorithms.matching import Match, _build, match_zip
 
-__all__ = ["group_scores", "assign_groups", "match_groups_rect", "match_groups_keep", "within_match"]
+__all__ = ["group_scores", "assign_groups", "match_groups_rect", "match_groups_keep", "within_match",
+           "match_group_class"]
 
 
 def _best_mean(block: torch.Tensor) -> float:
@@ -199,4 +200,75 @@ def match_groups_keep(corrs: list[torch.Tensor], spaces_a: list[Space], spaces_b
             perms = [within_match(blk[grp[0], h], sa.parts) for h in grp]
             units += [tuple(h * kk + int(p[j]) for h, p in zip(grp, perms)) for j in range(kk)]
         out.append(_build(units, sa.n + spaces_b[spaces_a.index(sa)].n, corr, corr.device, corr.dtype))
+    return out
+
+
+def _hungarian(score: torch.Tensor) -> torch.Tensor:
+    rows, cols = linear_sum_assignment(score.detach().cpu().double().numpy(), maximize=True)
+    return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
+
+
+def match_group_class(corrs: list[torch.Tensor], spaces: list[Space]) -> list[Match]:
+    """Group alignment for spaces sharing one group permutation (design.md, MuDSC).
+
+    Bases (spaces that are no view) score every group pair by the best within-group matching
+    their parts allow (pinned units stay in place); the group permutation maximises the sum.
+    A view then follows its base, and the order of its copies inside each group (grouped-query
+    heads) is matched by Hungarian on the views' correlations. ``corrs``: per space, the
+    (nA + nB)² correlation of A's and B's units.
+
+    Example::
+
+        >>> from hmir.algorithms.matching import correlation
+        >>> x = torch.randn(300, 4, dtype=torch.float64)
+        >>> feats = torch.cat([x, x[:, [2, 3, 0, 1]]], 1)        # B: A's two heads swapped
+        >>> corr = correlation(feats.mean(0), feats.T.cov()).float()
+        >>> s = Space(0, "qk", 4, group_size=2, parts=((0, 2, True),))
+        >>> match_group_class([corr], [s])[0].groups
+        [(0, 6), (1, 7), (2, 4), (3, 5)]
+    """
+    index = {s.id: i for i, s in enumerate(spaces)}
+    bases = [i for i, s in enumerate(spaces) if s.view is None]
+    G = spaces[bases[0]].class_groups
+    total = torch.zeros(G, G, dtype=torch.float64)
+    within: dict[int, dict] = {}
+    for i in bases:
+        s, k = spaces[i], spaces[i].group_size
+        cross = corrs[i][:s.n, s.n:].reshape(G, k, G, k).permute(0, 2, 1, 3)
+        within[i] = {}
+        for g in range(G):
+            for h in range(G):
+                perm = within_match(cross[g, h], s.parts)
+                within[i][g, h] = perm
+                total[g, h] += cross[g, h][torch.arange(k), perm].mean()
+    sigma = _hungarian(total)
+    rho = {i: torch.stack([within[i][g, int(sigma[g])] for g in range(G)]) for i in bases}
+    tau = _copy_orders(corrs, spaces, index, sigma, rho)
+    out = []
+    for corr, s in zip(corrs, spaces):
+        k, v = s.group_size, s.view
+        rep = v.rep if v else 1
+        units = rho[index[v.base]][:, v.lo:v.lo + k] - v.lo if v else rho[index[s.id]]
+        order = tau.get((rep, s.group_class), torch.arange(rep).repeat(G, 1))
+        old = (sigma.view(-1, 1) * rep + order).unsqueeze(-1) * k + units.unsqueeze(1)
+        groups = [(i, s.n + int(j)) for i, j in enumerate(old.flatten())]
+        out.append(_build(groups, 2 * s.n, corr, corr.device, torch.float32))
+    return out
+
+
+def _copy_orders(corrs, spaces, index, sigma, rho) -> dict:
+    """Per (rep, class): for each group, the order of B's copies matched to A's (Hungarian)."""
+    G, out = len(sigma), {}
+    views = [i for i, s in enumerate(spaces) if s.view is not None and s.view.rep > 1]
+    for rep in sorted({spaces[i].view.rep for i in views}):
+        score = torch.zeros(G, rep, rep, dtype=torch.float64)
+        for i in (i for i in views if spaces[i].view.rep == rep):
+            s, v = spaces[i], spaces[i].view
+            k = s.group_size
+            cross = corrs[i][:s.n, s.n:].reshape(G, rep, k, G, rep, k)
+            units = rho[index[v.base]][:, v.lo:v.lo + k] - v.lo
+            for g in range(G):
+                blk = cross[g, :, :, int(sigma[g])][:, :, :, units[g]]       # (rep, k, rep, k)
+                score[g] += blk.diagonal(dim1=1, dim2=3).mean(-1)
+        out[rep, spaces[views[0]].group_class] = torch.stack([_hungarian(score[g]) for g in range(G)])
     return out
