@@ -233,7 +233,7 @@ class Builder:
         """Parts of every space from its members' cuts and pins; views share parts with bases."""
         cuts = {s.id: set() for s in spaces}
         pins = {s.id: [] for s in spaces}
-        for r, ids in members.items():
+        for ids in members.values():
             for i in ids:
                 cuts[remap[i]] |= self.raw[i].cuts
                 pins[remap[i]] += self.raw[i].pins

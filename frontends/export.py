@@ -215,7 +215,7 @@ def _index_only(b: ExportBuilder, node: fx.Node) -> bool:
     tensors = [v for v in (b.values.get(n) for n in node.all_input_nodes) if isinstance(v, AVal)]
     if tensors:
         return all(v.index for v in tensors)
-    return node.target is not torch.ops.aten.sym_size.int and _shape(node) is not None \
+    return (node.target is not torch.ops.aten.sym_size.int and _shape(node) is not None) \
         or isinstance(node.meta.get("tensor_meta"), (tuple, list))
 
 

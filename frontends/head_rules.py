@@ -40,8 +40,8 @@ def groups(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]]:
         gi, gj, pi, pj = [], [], 1, 1
         while not (gi and gj and pi == pj) or (i < len(a) and a[i] == 1) or (j < len(b) and b[j] == 1):
             if j < len(b) and b[j] == 1 and not (i < len(a) and a[i] == 1):
-                pj, j = pj, j + 1
-                gj.append(j - 1)
+                gj.append(j)
+                j += 1
             elif i < len(a) and (pi <= pj or j >= len(b) or a[i] == 1):
                 pi, i = pi * a[i], i + 1
                 gi.append(i - 1)
@@ -91,7 +91,7 @@ class AReshape:
                 axes[j] = x.axes[i]
             if i in xh:
                 heads[j] = replace(xh[i], d=None if xh[i].d is None else -xh[i].d - 1)
-            self._literal(ctx, xh, i, j)
+            self._literal(ctx, x, i, j)
             return
         if feat and not hdims and not ddims and len(feat) == 1:
             return self._split(ctx, x, a, o, feat[0], big_i, big_o, axes, heads, gi, gj)
@@ -100,15 +100,15 @@ class AReshape:
         b.fail(f"reshapes {tuple(x.shape)} -> {ctx.out_shape()} in a way hmir cannot follow "
                f"(input dims {gi} become output dims {gj})")
 
-    def _literal(self, ctx, xh: dict, i: int, j: int) -> None:
-        """A literal size of a head dim kept by a view (``reshape(B, -1, S, d)``) is a head's
-        units or the head count: the backend rewrites it when widths change."""
+    def _literal(self, ctx, x, i: int, j: int) -> None:
+        """A literal size of a dim kept by a view is a feature extent (``(B·S, n) -> (B, S, n)``
+        after a Conv1D addmm), a head's units or the head count (``reshape(B, -1, S, d)``):
+        the backend rewrites it when widths change."""
         if self.sizes_arg != 1:
             return
-        axis = ctx.first().axes.get(i)
-        if axis is not None:                    # (B·S, n) -> (B, S, n) after a Conv1D addmm
-            ctx.b.size_arg(ctx.node, 1, j, "extent", axis)
-        for h, hd in xh.items():
+        if i in x.axes:
+            ctx.b.size_arg(ctx.node, 1, j, "extent", x.axes[i])
+        for h, hd in heads_of(x).items():
             if hd.d == i and hd.whole(ctx.b):
                 ctx.b.size_arg(ctx.node, 1, j, "units", hd.space)
             elif h == i and not hd.merged and hd.rep == 1:

@@ -199,8 +199,8 @@ def _match_grouped(ir_a, ir_b, pairs, stats, opts: MatchOptions, ks: list[int], 
     """Match the pairs ``ks`` of one group class into ``out``; returns the report note."""
     sas, sbs = [ir_a.space(pairs[k].a) for k in ks], [ir_b.space(pairs[k].b) for k in ks]
     names = ", ".join(s.name for s in sas)
+    corrs = [stats[k].corr(dtype=torch.float32).cpu() for k in ks]
     if all(sa.n == sb.n and sa.group_size == sb.group_size for sa, sb in zip(sas, sbs)):
-        corrs = [stats[k].corr(dtype=torch.float32).cpu() for k in ks]
         for k, m in zip(ks, match_group_class(corrs, sas)):
             out[k] = m
         return (f"grouped spaces [{names}]: group alignment then within-group permutation "
@@ -219,14 +219,12 @@ def _match_grouped(ir_a, ir_b, pairs, stats, opts: MatchOptions, ks: list[int], 
                          f"head sizes in both models: merge models with the same heads and kv "
                          f"heads, or use method='mal' (keeps A's heads)")
     if keeps_group_size(ir_a, sas[0]) or keeps_group_size(ir_b, sbs[0]):
-        ms = match_groups_keep([stats[k].corr(dtype=torch.float32) for k in ks], sas, sbs, widths,
-                               alpha=opts.alpha, beta=opts.beta)
+        ms = match_groups_keep(corrs, sas, sbs, widths, alpha=opts.alpha, beta=opts.beta)
         for k, m in zip(ks, ms):
             out[k] = m
         return (f"grouped spaces [{names}] ({shape}, pinned rotary units): whole heads zipped "
                 f"to {widths[0] // sas[0].group_size} heads of {sas[0].group_size} units")
-    ms, assign = match_groups_rect([stats[k].corr(dtype=torch.float32) for k in ks], sas, sbs, widths,
-                                   alpha=opts.alpha, beta=opts.beta)
+    ms, assign = match_groups_rect(corrs, sas, sbs, widths, alpha=opts.alpha, beta=opts.beta)
     for k, m in zip(ks, ms):
         out[k] = m
     return (f"grouped spaces [{names}] ({shape}): rectangular group alignment, B groups per A "

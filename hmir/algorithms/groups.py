@@ -36,6 +36,17 @@ __all__ = ["group_scores", "assign_groups", "match_groups_rect", "match_groups_k
            "match_group_class"]
 
 
+def _example():
+    """The docstrings' example: A has 4 groups of 2 units, B 2 groups that are A's groups 2
+    and 0; returns their joint correlation and the two spaces."""
+    from hmir.algorithms.matching import correlation
+
+    x = torch.randn(100, 8, dtype=torch.float64)
+    feats = torch.cat([x, x[:, [4, 5, 0, 1]]], 1)
+    return (correlation(feats.mean(0), feats.T.cov()), Space(0, "gn", 8, group_size=2),
+            Space(0, "gn", 4, group_size=2))
+
+
 def _best_mean(block: torch.Tensor) -> float:
     """Mean of the best one-to-one matching of a (kA, kB) block (rectangular Hungarian)."""
     c = block.detach().cpu().double().numpy()
@@ -49,12 +60,7 @@ def group_scores(corrs: list[torch.Tensor], spaces_a: list[Space],
 
     Example::
 
-        >>> from hmir.algorithms.matching import correlation
-        >>> from hmir.ir import Space
-        >>> x = torch.randn(100, 8, dtype=torch.float64)
-        >>> feats = torch.cat([x, x[:, [4, 5, 0, 1]]], 1)   # B's 2 groups: A's groups 2 and 0
-        >>> corr = correlation(feats.mean(0), feats.T.cov())
-        >>> sa, sb = Space(0, "gn", 8, group_size=2), Space(0, "gn", 4, group_size=2)
+        >>> corr, sa, sb = _example()          # B's 2 groups are A's groups 2 and 0
         >>> s = group_scores([corr], [sa], [sb])
         >>> s.shape, s.argmax(0).tolist(), round(float(s[2, 0]), 6)
         (torch.Size([4, 2]), [2, 0], 1.0)
@@ -110,12 +116,7 @@ def match_groups_rect(corrs: list[torch.Tensor], spaces_a: list[Space], spaces_b
 
     Example::
 
-        >>> from hmir.algorithms.matching import correlation
-        >>> from hmir.ir import Space
-        >>> x = torch.randn(100, 8, dtype=torch.float64)
-        >>> feats = torch.cat([x, x[:, [4, 5, 0, 1]]], 1)   # B's 2 groups: A's groups 2 and 0
-        >>> corr = correlation(feats.mean(0), feats.T.cov())
-        >>> sa, sb = Space(0, "gn", 8, group_size=2), Space(0, "gn", 4, group_size=2)
+        >>> corr, sa, sb = _example()          # B's 2 groups are A's groups 2 and 0
         >>> ms, assign = match_groups_rect([corr], [sa], [sb], [8])   # merged width 8: A's
         >>> assign                                # per A group, its B groups
         [[1], [], [0], []]
@@ -135,6 +136,12 @@ def match_groups_rect(corrs: list[torch.Tensor], spaces_a: list[Space], spaces_b
     return matches, assign
 
 
+def _hungarian(score: torch.Tensor) -> torch.Tensor:
+    """``perm[i]``: the column matched to row ``i`` (square Hungarian, maximising)."""
+    rows, cols = linear_sum_assignment(score.detach().cpu().double().numpy(), maximize=True)
+    return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
+
+
 def within_match(block: torch.Tensor, parts) -> torch.Tensor:
     """Best one-to-one matching of one group's units to another's (a (k, k) correlation block),
     part by part (:mod:`hmir.ir.parts`); pinned units stay in place. ``perm[j]``: the unit
@@ -149,10 +156,20 @@ def within_match(block: torch.Tensor, parts) -> torch.Tensor:
     perm = torch.arange(k)
     for lo, hi, pinned in (parts or ((0, k, False),)):
         if not pinned:
-            rows, cols = linear_sum_assignment(block[lo:hi, lo:hi].detach().cpu().double().numpy(),
-                                               maximize=True)
-            perm[lo + torch.as_tensor(rows)] = lo + torch.as_tensor(cols)
+            perm[lo:hi] = lo + _hungarian(block[lo:hi, lo:hi])
     return perm
+
+
+def _pair_scores(blocks: torch.Tensor, parts) -> tuple[torch.Tensor, dict]:
+    """For (G, H, k, k) blocks of unit correlations: the (G, H) mean correlation of each group
+    pair's best within-group matching, and those matchings ({(g, h): perm})."""
+    scores = torch.zeros(blocks.shape[:2], dtype=torch.float64)
+    perms = {}
+    for g in range(blocks.shape[0]):
+        for h in range(blocks.shape[1]):
+            perm = perms[g, h] = within_match(blocks[g, h], parts)
+            scores[g, h] = blocks[g, h][torch.arange(len(perm)), perm].mean()
+    return scores, perms
 
 
 def match_groups_keep(corrs: list[torch.Tensor], spaces_a: list[Space], spaces_b: list[Space],
@@ -184,28 +201,16 @@ def match_groups_keep(corrs: list[torch.Tensor], spaces_a: list[Space], spaces_b
                          f"number of heads (widths {widths}, head sizes {k})")
     ga, gb, gr = spaces_a[0].groups, spaces_b[0].groups, counts.pop()
     n = ga + gb
-    blocks = [c.cpu().reshape(n, kk, n, kk).permute(0, 2, 1, 3) for c, kk in zip(corrs, k)]
-    sim = torch.zeros(n, n, dtype=torch.float64)
-    for blk, sa in zip(blocks, spaces_a):
-        for g in range(n):
-            for h in range(n):
-                perm = within_match(blk[g, h], sa.parts)
-                sim[g, h] += blk[g, h][torch.arange(len(perm)), perm].double().mean()
-    sim /= len(blocks)
+    scored = [_pair_scores(c.cpu().reshape(n, kk, n, kk).permute(0, 2, 1, 3), sa.parts)
+              for c, kk, sa in zip(corrs, k, spaces_a)]
+    sim = sum(scores for scores, _ in scored) / len(scored)
     zipped = match_zip(sim, ga, gb, gr, alpha=alpha, beta=beta).groups
     out = []
-    for corr, blk, sa, kk in zip(corrs, blocks, spaces_a, k):
-        units = []
-        for grp in zipped:
-            perms = [within_match(blk[grp[0], h], sa.parts) for h in grp]
-            units += [tuple(h * kk + int(p[j]) for h, p in zip(grp, perms)) for j in range(kk)]
-        out.append(_build(units, sa.n + spaces_b[spaces_a.index(sa)].n, corr, corr.device, corr.dtype))
+    for corr, (_, perms), sa, sb, kk in zip(corrs, scored, spaces_a, spaces_b, k):
+        units = [tuple(h * kk + int(perms[grp[0], h][j]) for h in grp)
+                 for grp in zipped for j in range(kk)]
+        out.append(_build(units, sa.n + sb.n, corr, corr.device, corr.dtype))
     return out
-
-
-def _hungarian(score: torch.Tensor) -> torch.Tensor:
-    rows, cols = linear_sum_assignment(score.detach().cpu().double().numpy(), maximize=True)
-    return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
 
 
 def match_group_class(corrs: list[torch.Tensor], spaces: list[Space]) -> list[Match]:
@@ -234,13 +239,9 @@ def match_group_class(corrs: list[torch.Tensor], spaces: list[Space]) -> list[Ma
     within: dict[int, dict] = {}
     for i in bases:
         s, k = spaces[i], spaces[i].group_size
-        cross = corrs[i][:s.n, s.n:].reshape(G, k, G, k).permute(0, 2, 1, 3)
-        within[i] = {}
-        for g in range(G):
-            for h in range(G):
-                perm = within_match(cross[g, h], s.parts)
-                within[i][g, h] = perm
-                total[g, h] += cross[g, h][torch.arange(k), perm].mean()
+        scores, within[i] = _pair_scores(
+            corrs[i][:s.n, s.n:].reshape(G, k, G, k).permute(0, 2, 1, 3), s.parts)
+        total += scores
     sigma = _hungarian(total)
     rho = {i: torch.stack([within[i][g, int(sigma[g])] for g in range(G)]) for i in bases}
     tau = _copy_orders(corrs, spaces, index, sigma, rho)
@@ -249,7 +250,7 @@ def match_group_class(corrs: list[torch.Tensor], spaces: list[Space]) -> list[Ma
         k, v = s.group_size, s.view
         rep = v.rep if v else 1
         units = rho[index[v.base]][:, v.lo:v.lo + k] - v.lo if v else rho[index[s.id]]
-        order = tau.get((rep, s.group_class), torch.arange(rep).repeat(G, 1))
+        order = tau.get(rep, torch.arange(rep).repeat(G, 1))
         old = (sigma.view(-1, 1) * rep + order).unsqueeze(-1) * k + units.unsqueeze(1)
         groups = [(i, s.n + int(j)) for i, j in enumerate(old.flatten())]
         out.append(_build(groups, 2 * s.n, corr, corr.device, torch.float32))
@@ -257,7 +258,8 @@ def match_group_class(corrs: list[torch.Tensor], spaces: list[Space]) -> list[Ma
 
 
 def _copy_orders(corrs, spaces, index, sigma, rho) -> dict:
-    """Per (rep, class): for each group, the order of B's copies matched to A's (Hungarian)."""
+    """Per copy count ``rep``: for each group, the order of B's copies matched to A's (Hungarian).
+    All ``spaces`` are of one group class, so views with one ``rep`` share the order."""
     G, out = len(sigma), {}
     views = [i for i, s in enumerate(spaces) if s.view is not None and s.view.rep > 1]
     for rep in sorted({spaces[i].view.rep for i in views}):
@@ -270,5 +272,5 @@ def _copy_orders(corrs, spaces, index, sigma, rho) -> dict:
             for g in range(G):
                 blk = cross[g, :, :, int(sigma[g])][:, :, :, units[g]]       # (rep, k, rep, k)
                 score[g] += blk.diagonal(dim1=1, dim2=3).mean(-1)
-        out[rep, spaces[views[0]].group_class] = torch.stack([_hungarian(score[g]) for g in range(G)])
+        out[rep] = torch.stack([_hungarian(score[g]) for g in range(G)])
     return out

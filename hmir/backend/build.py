@@ -29,7 +29,7 @@ import torch.nn as nn
 from hmir.errors import MergeError
 from hmir.frontends.diagnostics import node_error
 from hmir.ir import MergeIR
-from hmir.ir.parts import resized_group_size
+from hmir.ir.parts import resized_group_sizes
 from hmir.backend.resize import RESIZE_RULES, axis_extent, new_widths, resized_ir, set_tensors
 
 _SIZE_KWARGS = ("shape", "size")
@@ -183,7 +183,7 @@ def _rewrite_size_args(ir: MergeIR, gm: fx.GraphModule, width: dict[int, int]) -
     """Literal sizes the frontend listed in ``ir.meta["size_args"]`` ({node: [(arg, index, kind,
     what)]}): kind "extent" is an axis's extent (layer_norm's shape), "units" a space's units
     per group (a head's size in ``view(B, S, H, d)``), "groups" its group count (heads)."""
-    gsize = {s.id: resized_group_size(ir, s, width[s.id]) for s in ir.spaces}
+    gsize = resized_group_sizes(ir, width)
     todo = ir.meta.get("size_args", {})
     split_sizes: dict[tuple[str, int], int] = {}
     for node in gm.graph.nodes:

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from hmir.errors import HMIRError, MergeError
 from hmir.ir import MergeIR, ObsPoint, Slice, Space
-from hmir.ir.parts import keeps_group_size, resized_group_size
+from hmir.ir.parts import keeps_group_size, pinned_classes, resized_group_sizes
 
 ResizeRule = Callable[[nn.Module, dict[str, torch.Tensor]], None]
 
@@ -144,6 +144,7 @@ def new_widths(ir: MergeIR, widths: dict[int, int]) -> dict[int, int]:
         raise MergeError(f"{ir.name}: widths name unknown space ids {bad[:5]} "
                          f"(the IR has {len(ir.spaces)} spaces)")
     out = {s.id: s.n for s in ir.spaces}
+    pinned = pinned_classes(ir)
     for sid, n in widths.items():
         s = ir.space(sid)
         if int(n) < 1:
@@ -151,10 +152,11 @@ def new_widths(ir: MergeIR, widths: dict[int, int]) -> dict[int, int]:
         if s.fixed and int(n) != s.n:
             raise MergeError(f"{ir.name}: space '{s.name}' is fixed ({s.fixed_reason}); its width "
                              f"{s.n} cannot become {n}")
-        if keeps_group_size(ir, s) and int(n) % s.group_size:
+        keep = keeps_group_size(ir, s, pinned)
+        if keep and int(n) % s.group_size:
             raise MergeError(f"{ir.name}: space '{s.name}' has heads of {s.group_size} units with "
                              f"pinned (rotary) units, which do not divide its new width {n}")
-        if s.group_size > 1 and not keeps_group_size(ir, s) and int(n) % s.groups:
+        if s.group_size > 1 and not keep and int(n) % s.groups:
             raise MergeError(f"{ir.name}: space '{s.name}' has {s.groups} groups, which do not "
                              f"divide its new width {n}")
         out[sid] = int(n)
@@ -185,7 +187,8 @@ def resized_ir(ir: MergeIR, widths: dict[int, int]) -> MergeIR:
         >>> verify(ir2, zoo.mlp(4, (16,), 2).state_dict())    # a state of the new widths
     """
     n = new_widths(ir, widths)
-    spaces = [_resized_space(s, n[s.id], resized_group_size(ir, s, n[s.id])) for s in ir.spaces]
+    gsize = resized_group_sizes(ir, n)
+    spaces = [_resized_space(s, n[s.id], gsize[s.id]) for s in ir.spaces]
     offsets = _slice_offsets(ir, spaces)
     for s in spaces:
         s.slices = [replace(sl, offset=offsets[(sl.param, sl.dim, sl.offset)]) for sl in s.slices]

@@ -97,16 +97,22 @@ def within_perm(parts: Parts, gen: torch.Generator, k: int | None = None) -> tor
     return perm
 
 
-def keeps_group_size(ir, space) -> bool:
+def pinned_classes(ir) -> set[int]:
+    """The group classes of ``ir`` that hold pinned units."""
+    return {s.group_class for s in ir.spaces if is_pinned(s.parts)}
+
+
+def keeps_group_size(ir, space, pinned: set[int] | None = None) -> bool:
     """Whether merging changes ``space``'s group *count* rather than its group size: its group
-    class holds pinned units (a rotary head's size is fixed by its frequencies)."""
-    return space.group_size > 1 and any(
-        is_pinned(s.parts) for s in ir.spaces if s.group_class == space.group_class)
+    class holds pinned units (a rotary head's size is fixed by its frequencies). ``pinned``:
+    :func:`pinned_classes` of ``ir``, when the caller has it."""
+    pinned = pinned_classes(ir) if pinned is None else pinned
+    return space.group_size > 1 and space.group_class in pinned
 
 
-def resized_group_size(ir, space, n: int) -> int:
-    """The group size of ``space`` at width ``n``: kept (see :func:`keeps_group_size`) or
-    ``n`` over the kept group count."""
-    if space.group_size == 1 or keeps_group_size(ir, space):
-        return space.group_size
-    return n // space.groups
+def resized_group_sizes(ir, width: dict[int, int]) -> dict[int, int]:
+    """Every space's group size at the widths ``width`` (space id → width): kept (see
+    :func:`keeps_group_size`) or the width over the kept group count."""
+    pinned = pinned_classes(ir)
+    return {s.id: s.group_size if s.group_size == 1 or s.group_class in pinned
+            else width[s.id] // s.groups for s in ir.spaces}
