@@ -21,9 +21,11 @@ import torch
 
 from hmir.errors import HMIRError
 from hmir.frontends.aten_fused_rules import FUSED_RULES
+from hmir.frontends.aten_index_rules import INDEX_RULES
 from hmir.frontends.aten_param_rules import Conv, Embedding, Linear, Norm
 from hmir.frontends.aten_rules import APointwise, Expand, Featureless, NoHeads
 from hmir.frontends.aten_select_rules import ACat, Select, SliceRule
+from hmir.frontends.aten_token_rules import TOKEN_RULES
 from hmir.frontends.head_rules import APermute, AReshape, Attention, MatMul
 from hmir.frontends.rules import Meta, Spatial
 from hmir.frontends.shape_rules import Reduce
@@ -78,6 +80,8 @@ ATEN_RULES: dict[object, object] = {
     aten.sym_constrain_range_for_size: META,
     **{f: META for f in (operator.mul, operator.add, operator.sub, operator.floordiv,
                          operator.truediv, operator.getitem, torch.sym_int, torch.sym_float)},
+    **INDEX_RULES,
+    **TOKEN_RULES,
     **FUSED_RULES,                  # last: its getitem hands out the pieces of a split
 }
 
