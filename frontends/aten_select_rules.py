@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from hmir.frontends.aten_rules import ACtx, Head, _carries, heads_of
+from hmir.frontends.subspaces import cut_at
 from hmir.ir import Segment
 
 
@@ -48,8 +49,13 @@ class Select:
 
 @dataclass(frozen=True)
 class SliceRule:
-    """aten.slice(x, dim, start, end): a featureless dim, a whole feature dim, or a run of the
-    units of every head (cuts the heads there: units never move across the cut)."""
+    """aten.slice(x, dim, start, end): a featureless dim, a run of a feature dim, or a run of
+    the units of every head (cuts the heads there: units never move across the cut).
+
+    A run of a feature dim cuts the spaces it starts or ends inside into sub-spaces
+    (:func:`~hmir.frontends.subspaces.refine`); units left out are observed here (they are
+    produced but never read); ``start``/``end`` are rewritten when widths change.
+    """
 
     name: str = "slice"
 
@@ -59,19 +65,46 @@ class SliceRule:
         heads = dict(heads_of(x))
         n, m = x.shape[dim], ctx.out_shape()[dim]
         unit_of = {hd.d: h for h, hd in heads.items()}
+        start = ctx.arg(2, "start", 0) or 0
+        start = max(0, min(n, start + n if start < 0 else start))
+        if (dim in unit_of or dim in x.axes) and m != n and ctx.arg(4, "step", 1) != 1:
+            ctx.b.fail(f"slices feature dim {dim} with a step; only runs of units can be merged")
         if dim in unit_of and m != n:
             h = unit_of[dim]
-            start = ctx.arg(2, "start", 0) or 0
-            start = max(0, min(n, start + n if start < 0 else start))
-            if ctx.arg(4, "step", 1) != 1:
-                ctx.b.fail("slices the units of attention heads with a step; only runs of units "
-                           "can be merged")
             lo, _ = heads[h].units(x.shape)
             heads[h] = replace(heads[h], lo=lo + start, hi=lo + start + m)
             ctx.b.cut(heads[h].space, lo + start, lo + start + m)
-        elif (dim in x.axes or _carries(x, dim)) and m != n:
-            ctx.b.fail(f"slices part of feature dim {dim}; only whole features can be merged")
+        elif dim in x.axes:
+            return ctx.emit({**x.axes, dim: feature_run(ctx, x, dim, start, start + m)},
+                            raw=x.raw, sources=(x,), heads=heads)
+        elif _carries(x, dim) and m != n:
+            ctx.b.fail(f"slices part of the attention heads at dim {dim}; only whole heads can be "
+                       f"merged")
         return ctx.emit(dict(x.axes), raw=x.raw, sources=(x,), heads=heads)
+
+
+def feature_run(ctx: ACtx, x, dim: int, lo: int, hi: int) -> tuple:
+    """The segments of ``x``'s feature axis at ``dim`` between entries ``lo`` and ``hi``
+    (spaces cut there); the units left out get ``x`` as their observation point."""
+    b = ctx.b
+    axis = cut_at(b, x.axes[dim], [lo, hi])
+    out, pos, end = [], 0, {}
+    for seg in axis:
+        w = b.axis_width((seg,))
+        if lo <= pos and pos + w <= hi:
+            out.append(seg)
+        elif seg.space not in x.origin or (seg.inner, seg.outer) != (1, 1):
+            b.fail(f"leaves out units of feature dim {dim} that hmir cannot observe (segment "
+                   f"{seg} of a tensor of shape {tuple(x.shape)})")
+        else:
+            b.points.append((seg.space, x.origin[seg.space]))
+        pos += w
+        end[pos] = tuple(axis[:len(end) + 1])
+    for i, at in ((2, lo), (3, hi)):
+        if 0 < at and i < len(ctx.node.args) and type(ctx.node.args[i]) is int and \
+                ctx.node.args[i] < 2 ** 62 and hasattr(b, "size_arg"):
+            b.size_arg(ctx.node, i, None, "extent", end[at])
+    return tuple(out)
 
 
 @dataclass(frozen=True)
