@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -151,14 +152,16 @@ class Child:
 
 
 def model_list(args) -> list[str]:
-    """``tv:NAME`` / ``timm:NAME`` specs of the chosen suite(s), filtered by ``--only``."""
-    specs = []
+    """``tv:NAME`` / ``timm:NAME`` specs of the chosen suite(s), filtered by ``--only``; both
+    suites alternate (a partial run covers both)."""
+    tv, tm = [], []
     if args.suite in ("torchvision", "all"):
         import torchvision
 
-        specs += ["tv:" + n for n in torchvision.models.list_models(module=torchvision.models)]
+        tv = ["tv:" + n for n in torchvision.models.list_models(module=torchvision.models)]
     if args.suite in ("timm", "all"):
-        specs += ["timm:" + n for n in TIMM]
+        tm = ["timm:" + n for n in TIMM]
+    specs = [s for pair in itertools.zip_longest(tv, tm) for s in pair if s]
     if args.only:
         want = set(args.only.split(","))
         specs = [s for s in specs if s in want or s.split(":", 1)[1] in want]
@@ -246,7 +249,7 @@ def render(env: dict, records: dict, args, totals_only: bool = False) -> str:
     L += ["", "## Per model", "", "| model | frontend | input | lower | perm-invariant (rel) | "
           "self-merge (rel) | ONNX (abs / rel) | tp builds | tp prunes+runs | time (s) | peak MB "
           "| first error |", "|---" * 12 + "|"]
-    for spec, r in records.items():
+    for spec, r in sorted(records.items()):
         h, st = r.get("hmir", {}), flat[spec]["steps"]
         tp = flat[spec]["tp"] or {}
         lw = st.get("lower")
