@@ -18,6 +18,12 @@
   (:func:`~hmir.frontends.aten_select_rules.split_head_units`). The op returns a tuple, read by
   ``operator.getitem``:
   :class:`Piece` hands out the pieces (and is the META rule for every other getitem).
+* A fused projection reshaped so that its pieces lie along a dim of their own (timm's
+  ``qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)``,
+  :class:`~hmir.frontends.aten_layout_rules.PieceVal`) is handed out by ``unbind`` or
+  ``select`` (``qkv[0]``, :class:`~hmir.frontends.aten_layout_rules.PieceSelect`) along that
+  dim; a ``(k, C)`` view first read as ``k`` heads (``reshape(B, N, 3, C)``) becomes ``k``
+  pieces when unbound or selected along the head dim.
 
 Example (a fused gate/up MLP: each half of ``gate_up``'s rows is a space of its own; here
 ``*`` joins the two again, so one space holds rows 0..15 and 16..31)::
@@ -44,9 +50,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from hmir.frontends.aten_layout_rules import (PieceSelect, PieceVal, chunk_pieces, refuse_layout,
+                                              take_piece)
 from hmir.frontends.aten_param_rules import ParamMatmul, refuse_heads as _refuse_heads
 from hmir.frontends.aten_rules import ACtx, AVal, heads_of
-from hmir.frontends.aten_select_rules import split_head_units
+from hmir.frontends.aten_select_rules import Select, split_head_units
 from hmir.ir import Segment
 
 aten = torch.ops.aten
@@ -172,6 +180,7 @@ class Split:
     keepdim: bool = True
     sizes_arg: int | None = None
     name: str = "split"
+    reads_layouts = True
 
     def apply(self, ctx: ACtx):
         b = ctx.b
@@ -181,6 +190,13 @@ class Split:
             b.fail("has no tuple of output shapes (shape propagation did not record them)")
         shapes = [tuple(int(s) for s in m.shape) for m in metas]
         dim = int(ctx.arg(self.dim_arg, "dim", 0)) % x.ndim
+        if isinstance(x, PieceVal) and dim == x.pdim and not self.keepdim:   # q, k, v = unbind
+            out = Pieces((), pieces=[take_piece(ctx, x, i, s) for i, s in enumerate(shapes)])
+            out.origin.update(x.origin)
+            return out
+        refuse_layout(ctx, x, f"splits along dim {dim}")
+        if not self.keepdim and dim in heads_of(x) and x.heads[dim].d is not None:
+            return self._unbind_chunks(ctx, x, dim, shapes)     # (k, C): k pieces, not heads
         if heads_of(x):                          # a fused q|k|v head: runs of every head's units
             heads = split_head_units(ctx, x, dim, [s[dim] for s in shapes]) if self.keepdim \
                 else None
@@ -217,6 +233,19 @@ class Split:
         out.origin.update(x.origin)
         return out
 
+    @staticmethod
+    def _unbind_chunks(ctx: ACtx, x, dim: int, shapes: list):
+        """Unbind along the head dim of a fused ``(k, C)`` view: ``k`` pieces of ``C``."""
+        down = lambda d: d - (d > dim)
+        units = down(x.heads[dim].d)
+        axes = {down(d): a for d, a in x.axes.items()}
+        heads = {down(h): replace(hd, d=None if hd.d is None else down(hd.d))
+                 for h, hd in x.heads.items() if h != dim}
+        out = Pieces((), pieces=[AVal(s, {**axes, units: (Segment(sid),)}, heads=heads)
+                                 for s, sid in zip(shapes, chunk_pieces(ctx, x, dim))])
+        out.origin.update(x.origin)
+        return out
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -247,5 +276,6 @@ FUSED_RULES: dict[object, object] = {
     **{getattr(aten, n): _SIZES for n in ("split", "split_with_sizes", "unsafe_split_with_sizes")
        if hasattr(aten, n)},
     aten.unbind: Split(dim_arg=1, keepdim=False),
+    aten.select: PieceSelect(Select()),
     operator.getitem: PIECE,
 }

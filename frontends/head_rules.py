@@ -7,6 +7,11 @@ Per group, feature dims are carried over (``n → n``), split into heads
 flattened with featureless dims (``(C, H, W) → C·H·W``). Anything else is an error that
 names the node.
 
+A fresh projection's feature dim reshaped to ``(k, H, d)`` is split into ``k`` pieces of
+``H`` heads each, and a feature dim merged with batch or spatial dims (a patch unfold) is
+followed inside the merged dim (:mod:`hmir.frontends.aten_layout_rules`). Attention itself
+lives in :mod:`hmir.frontends.attention_rules` (re-exported here).
+
 Example::
 
     >>> groups((2, 16, 64), (2, 16, 4, 16))
@@ -19,7 +24,10 @@ from dataclasses import dataclass, replace
 
 import sympy
 
+from hmir.frontends.aten_layout_rules import (FoldVal, PieceVal, emit_folds, emit_pieces,
+                                              fold_group, fused_pieces, refuse_layout, relayout)
 from hmir.frontends.aten_rules import ACtx, Head, heads_of
+from hmir.frontends.attention_rules import Attention, MatMul, attention_output, bind_qk  # noqa: F401
 from hmir.frontends.shape_rules import flatten_axes
 from hmir.ir import Segment
 
@@ -60,26 +68,38 @@ class AReshape:
 
     sizes_arg: int | None = 1
     name: str = "reshape"
+    reads_layouts = True
 
     def apply(self, ctx: ACtx):
         x = ctx.first()
+        if isinstance(x, PieceVal):
+            refuse_layout(ctx, x, "reshapes")
         ctx.node.meta["hmir_shape_args"] = self.sizes_arg == 1
         a, o = numeric(ctx.sym(ctx.node.args[0])), numeric(ctx.sym())
-        axes, heads, dmap = {}, {}, {}
+        axes, heads, dmap, extra = {}, {}, {}, {"folds": {}}
         for gi, gj in groups(a, o):
-            self._group(ctx, x, a, o, gi, gj, axes, heads, dmap)
+            self._group(ctx, x, a, o, gi, gj, axes, heads, dmap, extra)
         for h, hd in list(heads.items()):
             if hd.d is not None and hd.d < 0:           # a d dim carried by another group
                 if -hd.d - 1 not in dmap:
                     ctx.b.fail("reshapes the units of attention heads apart from their heads")
                 heads[h] = replace(hd, d=dmap[-hd.d - 1])
+        if "pieces" in extra:
+            return emit_pieces(ctx, x, axes, heads, *extra["pieces"])
+        if extra["folds"]:
+            if heads:
+                ctx.b.fail("folds features together with other dims in a tensor that also "
+                           "carries attention heads; hmir cannot follow both")
+            return emit_folds(ctx, x, axes, extra["folds"])
         return ctx.emit(axes, raw=x.raw, sources=(x,), heads=heads)
 
-    def _group(self, ctx, x, a, o, gi, gj, axes, heads, dmap) -> None:
+    def _group(self, ctx, x, a, o, gi, gj, axes, heads, dmap, extra) -> None:
         b, xh = ctx.b, heads_of(x)
         feat = [d for d in gi if d in x.axes]
         hdims = [d for d in gi if d in xh]
         ddims = [hd.d for hd in xh.values() if hd.d in gi]
+        if any(d in getattr(x, "folds", {}) for d in gi):
+            return fold_group(ctx, x, a, o, gi, gj, axes, extra["folds"])
         if not (feat or hdims or ddims):
             return
         big_i = [d for d in gi if a[d] != 1]
@@ -94,7 +114,7 @@ class AReshape:
             self._literal(ctx, x, i, j)
             return
         if feat and not hdims and not ddims and len(feat) == 1:
-            return self._split(ctx, x, a, o, feat[0], big_i, big_o, axes, heads, gi, gj)
+            return self._split(ctx, x, a, o, feat[0], big_i, big_o, axes, heads, gi, gj, extra)
         if hdims and not feat:
             return self._heads(ctx, x, a, o, hdims, ddims, big_i, big_o, axes, heads, gj)
         b.fail(f"reshapes {tuple(x.shape)} -> {ctx.out_shape()} in a way hmir cannot follow "
@@ -114,15 +134,18 @@ class AReshape:
             elif h == i and not hd.merged and hd.rep == 1:
                 ctx.b.size_arg(ctx.node, 1, j, "groups", hd.space)
 
-    def _split(self, ctx, x, a, o, f, big_i, big_o, axes, heads, gi, gj) -> None:
+    def _split(self, ctx, x, a, o, f, big_i, big_o, axes, heads, gi, gj, extra) -> None:
         b, axis = ctx.b, x.axes[f]
         if len(big_o) == 1 and f == big_i[0]:                        # (C, H, W) -> C·H·W
             axes[big_o[0]] = flatten_axes(b, x, gi[0], gi[-1])[gi[0]]
             return
         plain = len(axis) == 1 and axis[0].inner == 1 and axis[0].outer == 1
-        if not plain or f != big_i[-1] or len(big_o) != 2:
-            b.fail(f"reshapes {tuple(x.shape)} -> {ctx.out_shape()}, which splits or regroups "
-                   f"feature dim {f} in a way hmir cannot follow")
+        at = (lambda d: d - gj[0]) if self.sizes_arg == 2 else (lambda d: d)
+        if plain and big_i == [f] and len(big_o) == 3:                  # n -> (k, H, d) pieces
+            extra["pieces"] = fused_pieces(ctx, x, f, big_o, self.sizes_arg, at)
+            return
+        if not plain or f != big_i[-1] or len(big_o) != 2:              # a patch unfold, ...
+            return fold_group(ctx, x, a, o, gi, gj, axes, extra["folds"])
         sid, n = axis[0].space, b.axis_width(axis)
         d = o[big_o[1]]
         other = math.prod(a[i] for i in big_i[:-1])
@@ -132,7 +155,6 @@ class AReshape:
         b.read_point(x, axis)
         b.set_group(sid, d)
         heads[big_o[0]] = Head(big_o[1], sid, merged=other != 1)
-        at = (lambda d: d - gj[0]) if self.sizes_arg == 2 else (lambda d: d)
         b.size_arg(ctx.node, self.sizes_arg, at(big_o[1]), "units", sid)
         if other == 1:
             b.size_arg(ctx.node, self.sizes_arg, at(big_o[0]), "groups", sid)
@@ -171,11 +193,14 @@ class APermute:
     """aten.permute / transpose / t: feature axes and heads move with their dims."""
 
     name: str = "permute"
+    reads_layouts = True
 
     def apply(self, ctx: ACtx):
         x = ctx.first()
         order = self._order(ctx, x.ndim)
         where = {old: new for new, old in enumerate(order)}
+        if isinstance(x, (PieceVal, FoldVal)):
+            return relayout(ctx, x, where)
         axes = {where[d]: a for d, a in x.axes.items()}
         heads = {where[h]: replace(hd, d=None if hd.d is None else where[hd.d])
                  for h, hd in heads_of(x).items()}
@@ -191,106 +216,3 @@ class APermute:
             d0, d1 = (ctx.arg(1, "dim0", 0) % n, ctx.arg(2, "dim1", 1) % n)
             order[d0], order[d1] = d1, d0
         return order
-
-
-@dataclass(frozen=True)
-class Attention:
-    """aten.scaled_dot_product_attention(q, k, v, mask): q and k share a head-grouped space,
-    v (and what reads the output) another; the two are linked as one group class.
-
-    Grouped-query attention (``repeat_kv`` copies, or ``enable_gqa``): q's space becomes a
-    view of k's with ``rep`` query heads per kv head, and the output a view of v's. q and k
-    read from two runs of one fused head (q|k|v in one projection) must move alike: both
-    runs are pinned.
-    """
-
-    name: str = "attention"
-
-    def apply(self, ctx: ACtx):
-        b = ctx.b
-        q, k, v = (ctx.val(ctx.arg(i, n)) for i, n in enumerate(("query", "key", "value")))
-        hq, hk, hv = (self._head(ctx, t, n) for t, n in ((q, "query"), (k, "key"), (v, "value")))
-        mask = ctx.val(ctx.arg(3, "attn_mask", None))
-        if mask is not None and (heads_of(mask) or set(mask.axes) - {hq[0] - q.ndim + mask.ndim}):
-            b.fail("uses an attention mask that carries features (other than one bias per head)")
-        if mask is not None and mask.axes:                  # a per-head bias (T5): joins the heads
-            axis = next(iter(mask.axes.values()))
-            if len(axis) != 1 or b.width(axis[0].space) != q.shape[hq[0]]:
-                b.fail("uses an attention mask whose head dim is not one bias per head")
-            b.read_point(mask, axis)
-            b.group_links.append((hq[1].space, axis[0].space))
-        if not (hq[0] == hk[0] == hv[0]):
-            b.fail("has query, key and value with heads at different dims")
-        gqa = q.shape[hq[0]] // k.shape[hk[0]] if ctx.node.kwargs.get("enable_gqa") else 1
-        bind_qk(ctx, (q, hq[1]), (k, replace(hk[1], rep=hk[1].rep * gqa)))
-        out = attention_output(ctx, q, hq[1], v, replace(hv[1], rep=hv[1].rep * gqa))
-        return ctx.emit({}, sources=(v,), heads={hv[0]: out})
-
-    @staticmethod
-    def _head(ctx, t, what: str):
-        hs = heads_of(t) if t is not None else {}
-        if len(hs) != 1 or next(iter(hs.values())).d != len(t.shape) - 1 or t.axes:
-            ctx.b.fail(f"takes a {what} that is not split into heads x units at its last dim "
-                       f"(reshape it with view(B, S, heads, head_dim) first)")
-        return next(iter(hs.items()))
-
-
-def bind_qk(ctx: ACtx, q: tuple, k: tuple) -> None:
-    """q·k contracts each head's units: q's and k's units must move alike."""
-    b, (qv, hq), (kv, hk) = ctx.b, q, k
-    if hq.rep != 1:
-        b.fail("takes a query whose heads are copies; hmir follows copies of keys and values only")
-    if hk.rep > 1:
-        if not hq.whole(b):
-            b.fail("uses grouped-query attention on part of each query head's units")
-        b.view(hq.space, hk.space, hk.rep, hk.units(kv.shape)[0])
-    elif hq.whole(b) and hk.whole(b):
-        b.union(hq.space, hk.space)
-    elif b.uf[hq.space] == b.uf[hk.space]:
-        if hq.units(qv.shape) != hk.units(kv.shape):         # q|k|v in one head: pin q and k
-            b.pin(hq.space, *hq.units(qv.shape))
-            b.pin(hk.space, *hk.units(kv.shape))
-    else:
-        b.fail("contracts runs of head units of two different projections")
-
-
-def attention_output(ctx: ACtx, q, hq: Head, v, hv: Head) -> Head:
-    """The output's heads: v's, or a new space viewing v's (copies of kv heads, a run of units)."""
-    b = ctx.b
-    b.group_links.append((hq.space, hv.space))
-    if hv.rep == 1 and hv.whole(b):
-        return hv
-    lo, hi = hv.units(v.shape)
-    heads = q.shape[[h for h, hd in heads_of(q).items()][0]]
-    sid = b.new_space(heads * (hi - lo), f"{ctx.node.name}:out", group_size=hi - lo)
-    b.view(sid, hv.space, hv.rep, lo)
-    return Head(hv.d, sid, hv.merged)
-
-
-@dataclass(frozen=True)
-class MatMul:
-    """aten.matmul of eager attention: ``q @ kᵀ`` contracts each head's units (as
-    :func:`bind_qk`) into scores carrying the head index; ``weights @ v`` gives v's heads
-    (as :class:`Attention`'s output). Any other product of computed tensors is an error."""
-
-    name: str = "matmul"
-
-    def apply(self, ctx: ACtx):
-        b = ctx.b
-        x, y = ctx.val(ctx.arg(0, "self")), ctx.val(ctx.arg(1, "other"))
-        hx, hy = heads_of(x), heads_of(y)
-        if x is None or y is None or len(hx) != 1 or len(hy) != 1 or x.axes or y.axes:
-            b.fail("multiplies two computed tensors that are not attention heads; hmir follows "
-                   "matmul only as eager attention (q @ k.T, weights @ v)")
-        (h1, a), (h2, c) = next(iter(hx.items())), next(iter(hy.items()))
-        out = len(ctx.out_shape())
-        if h1 - x.ndim != h2 - y.ndim:
-            b.fail("multiplies attention heads laid out at different dims")
-        h = out - x.ndim + h1
-        if a.d == x.ndim - 1 and c.d == y.ndim - 2:                     # q @ k.T
-            bind_qk(ctx, (x, a), (y, c))
-            return ctx.emit({}, sources=(x, y), heads={h: Head(None, a.space, a.merged)})
-        if a.d is None and c.d == y.ndim - 1:                           # weights @ v
-            o = attention_output(ctx, x, a, y, c)
-            return ctx.emit({}, sources=(y,), heads={h: replace(o, d=out - 1)})
-        b.fail("multiplies attention heads in a way that is neither q @ k.T nor weights @ v")
