@@ -48,23 +48,39 @@ class Conv:
         w, shape = ctx.param(1, "weight")
         bias, _ = ctx.param(2, "bias", required=False)
         groups = int(ctx.arg(self.groups_arg, "groups", 1))
-        axis = b.axis_of(x, 1, "this conv")
+        axis = _constant_input(ctx, x) or b.axis_of(x, 1, "this conv")
         b.read_point(x, axis)
         op, outs = ParamOp(in_dim=1), [bias] if bias else []
         out = (op._dense(b, w, shape, axis, outs, ctx.node.name) if groups == 1
                else op._grouped(b, w, shape, axis, outs, groups, ctx.node.name))
+        if groups > 1 and shape[1] == 1 and groups == b.axis_width(axis):   # depthwise: groups
+            b.size_arg(ctx.node, self.groups_arg, None, "extent", axis)    # is the channel count
         axes = {d: a for d, a in x.axes.items() if d != 1}
         axes[1] = out
         return ctx.emit(axes, sources=(x,))
 
 
+def _constant_input(ctx: ACtx, x) -> tuple | None:
+    """Channels of a constant input (a Fourier position encoding computed from shapes only):
+    a fixed space, never permuted (both models' weights read the same constant features)."""
+    if not getattr(x, "index", False) or 1 in x.axes:
+        return None
+    sid = ctx.b.new_space(x.shape[1], f"constant:{ctx.node.name}:1",
+                          fixed=f"constant input of '{ctx.node.name}' (computed from shapes only)")
+    return (Segment(sid),)
+
+
 @dataclass(frozen=True)
 class Norm:
-    """Per-unit parameters at ``dim`` read from arguments ``params`` (layer_norm, batch_norm)."""
+    """Per-unit parameters at ``dim`` read from arguments ``params`` (layer_norm, batch_norm,
+    group_norm). ``groups_arg``: the argument holding a group count (group_norm): groups of
+    more than one make a group structure; one group normalises over all units (a LayerNorm
+    over channels and positions), whose statistics are permutation invariant."""
 
     dim: int = -1
     params: tuple[int, ...] = (2, 3)
     shape_arg: int | None = 1
+    groups_arg: int | None = None
     name: str = "norm"
 
     def apply(self, ctx: ACtx):
@@ -72,6 +88,11 @@ class Norm:
         if self.shape_arg is not None and len(ctx.arg(self.shape_arg, "normalized_shape")) != 1:
             b.fail("normalises over several dims; only the last dim is supported")
         axis = b.axis_of(x, self.dim, "this norm")
+        g = ctx.arg(self.groups_arg, "num_groups") if self.groups_arg is not None else 1
+        if g != 1:
+            if type(g) is not int or len(axis) != 1 or axis[0].inner != 1 or axis[0].outer != 1:
+                b.fail(f"normalises {g} groups over a composite feature axis {axis}")
+            b.set_group(axis[0].space, b.axis_width(axis) // g)
         for i in self.params:
             p, _ = ctx.param(i, f"argument {i}", required=False)
             if p:

@@ -90,7 +90,14 @@ class ACtx(Ctx):
     """The rule context for aten graphs: emits :class:`AVal` values."""
 
     def emit(self, axes, raw=False, sources=(), heads=None, pdims=None) -> AVal:
+        """The output value; a reshape or permute of a parameter stays a view of it
+        (:func:`~hmir.frontends.aten_index_rules.view_dims`), whichever rule lowered it."""
         v = AVal(self.out_shape(), axes, raw, heads=heads or {}, pdims=pdims)
+        if pdims is None and not axes and not heads and sources:
+            from hmir.frontends.aten_index_rules import view_dims
+            dims = view_dims(self, sources[0])
+            if dims is not None:
+                v.param, v.pdims = sources[0].param, dims
         for s in sources:
             v.origin.update(s.origin)
         return self.b.observe(v, self.node)
@@ -129,35 +136,64 @@ class NoHeads:
         return self.rule.apply(ctx)
 
 
+def pmap(v) -> dict[int, int] | None:
+    """The dims of parameter ``v.param`` that ``v`` shows, ``{value dim: parameter dim}``
+    (every dim for the bare parameter); None when ``v`` is not a view of a parameter."""
+    if v is None or getattr(v, "param", None) is None:
+        return None
+    pd = getattr(v, "pdims", None)
+    return {d: d for d in range(v.ndim)} if pd is None else pd
+
+
 @dataclass(frozen=True)
 class APointwise(Pointwise):
     """Elementwise ops: features join as in :class:`Pointwise`; heads pass through and join.
 
     A constant (an index value: rotary cos/sin tables) that varies along the units of a head
     pins those units (:meth:`~hmir.frontends.builder.Builder.pin`): they must keep their place.
+    A parameter, or a view of one (``gamma.reshape(1, -1, 1, 1)``, a gathered bias table),
+    gets a slice of each of its dims that meets a feature axis, and a space of its own in the
+    heads' group class at a dim holding the head index (:mod:`hmir.frontends.aten_index_rules`).
+    An elementwise function of one parameter alone (``16 * sigmoid(table)``) stays its view.
     """
 
     name: str = "pointwise"
 
     def apply(self, ctx: ACtx):
-        v = super().apply(ctx)
         ops, out = ctx.tensor_args(), ctx.out_shape()
+        if any(pmap(v) is not None for v in ops) and not any(
+                v.axes or heads_of(v) or v.raw for v in ops if pmap(v) is None):
+            from hmir.frontends.aten_index_rules import param_function
+            return param_function(ctx, ops, out)
+        heads = self._heads(ctx, ops, out)
+        from hmir.frontends.aten_index_rules import bind_heads
+        bound = bind_heads(ctx, ops, out, heads)
+        v = super().apply(ctx)
+        for i, op in enumerate(ops):
+            self._constant(ctx, op, heads, len(out) - op.ndim, bound.get(i, ()))
+        v.heads = heads
+        if len(ops) == 1:
+            v.copies = getattr(ops[0], "copies", frozenset())
+        return v
+
+    @staticmethod
+    def _heads(ctx: ACtx, ops, out: tuple) -> dict[int, Head]:
+        """The operands' heads, joined; a per-head value (no units dim, size 1 at the other
+        operand's units dim: a norm over each head's units) broadcasts against whole heads."""
         heads: dict[int, Head] = {}
+        src: dict[int, object] = {}
         for op in ops:
             shift = len(out) - op.ndim
             for h, hd in heads_of(op).items():
                 new = replace(hd, d=None if hd.d is None else hd.d + shift)
                 old = heads.setdefault(h + shift, new)
-                if (old.d, old.merged, old.rep) != (new.d, new.merged, new.rep) or \
-                        old.units(out) != new.units(out):
+                other = src.setdefault(h + shift, op)
+                if not _same_heads(old, other, new, op, out):
                     ctx.b.fail("combines two tensors whose heads are laid out differently")
+                if old.d is None and new.d is not None:
+                    heads[h + shift] = new
                 ctx.b.union(old.space, new.space)
-        for op in ops:
-            self._constant(ctx, op, heads, len(out) - op.ndim)
-        v.heads = heads
-        if len(ops) == 1:
-            v.copies = getattr(ops[0], "copies", frozenset())
-        return v
+        return heads
 
     def _join_dim(self, ctx: ACtx, ops, out: tuple, d: int):
         """At a dim holding the head index, a feature axis (T5's per-head position bias, an
@@ -165,7 +201,8 @@ class APointwise(Pointwise):
         head = next((hd for op in ops for h, hd in heads_of(op).items()
                      if h + len(out) - op.ndim == d), None)
         if head is None:
-            return super()._join_dim(ctx, ops, out, d)
+            from hmir.frontends.aten_index_rules import join_dim
+            return join_dim(ctx, ops, out, d)
         for v in ops:
             dv = d - (len(out) - v.ndim)
             if dv < 0 or dv not in v.axes:
@@ -180,11 +217,11 @@ class APointwise(Pointwise):
         return None
 
     @staticmethod
-    def _constant(ctx: ACtx, op, heads: dict[int, Head], shift: int) -> None:
+    def _constant(ctx: ACtx, op, heads: dict[int, Head], shift: int, bound=()) -> None:
         for h, hd in heads.items():
             for d, what in ((h, "head"), (hd.d, "units")):
                 if d is None or d - shift < 0 or op.shape[d - shift] == 1 or _carries(op, d - shift) \
-                        or (what == "head" and d - shift in op.axes):      # a per-head bias
+                        or (what == "head" and (d - shift in op.axes or d - shift in bound)):
                     continue
                 if what == "units" and getattr(op, "index", False):
                     ctx.b.pin(hd.space, *hd.units(ctx.out_shape()))
@@ -193,6 +230,21 @@ class APointwise(Pointwise):
                            f"not split into the same heads (dim {d - shift})" +
                            (": a constant per head cannot follow a permutation of heads"
                             if getattr(op, "index", False) else ""))
+
+
+def _same_heads(x: Head, xv, y: Head, yv, out: tuple) -> bool:
+    """Heads ``x`` of value ``xv`` and ``y`` of ``yv`` (dims of ``out``) combine elementwise."""
+    if (x.merged, x.rep) != (y.merged, y.rep):
+        return False
+    if x.d is not None and y.d is not None:
+        return x.d == y.d and x.units(out) == y.units(out)
+    (n, nv), d = (x, xv) if x.d is None else (y, yv), x.d if x.d is not None else y.d
+    return d is None or _size(nv, d - len(out) + nv.ndim) in (1, None)
+
+
+def _size(v, d: int | None) -> int | None:
+    """``v``'s size at dim ``d`` (None where ``v`` has no such dim)."""
+    return None if d is None or d < 0 or d >= v.ndim else int(v.shape[d])
 
 
 def _carries(v, d: int) -> bool:
