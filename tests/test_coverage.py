@@ -134,3 +134,20 @@ def test_runner_records_timeout(tmp_path):
     assert rec["hmir"]["error"].endswith("timeout (1 s)")
     md = (tmp_path / "coverage.md").read_text()
     assert "| torchvision | 1 | 0 | 0 | 0 | 0 | **0** |" in md and "timeout (1 s)" in md
+
+
+def test_onnx_parity_failure_keeps_its_numbers(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from hmir.errors import ExportError
+
+    class Result:                                   # to_onnx writes the file, then refuses it
+        module = nn.Identity()
+
+        def to_onnx(self, path):
+            onnx.save(onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 18]>
+                ident (float[N, 4] x) => (float[N, 4] y) { y = Identity(x) }"""), str(path))
+            raise ExportError("ONNX export does not match torch\nsecond line")
+
+    rec = cov._step("onnx", lambda: cov._onnx(Result(), torch.randn(2, 4), tmp_path / "m.onnx"))
+    assert not rec["ok"] and rec["error"] == "ExportError: ONNX export does not match torch"
+    assert rec["max_abs"] == 0.0 and rec["rel"] == 0.0
