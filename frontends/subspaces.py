@@ -21,7 +21,8 @@ Example (a fresh linear's 8 units cut at 3; the add joins the pieces with two pa
     ...     def forward(self, x):
     ...         return self.fc(x) + torch.cat([self.a(x), self.b(x)], 1)
     >>> ir = lower(Parts(), torch.randn(2, 4))
-    >>> sorted((s.n, sl.offset) for s in ir.spaces for sl in s.slices if sl.param == "fc.weight")
+    >>> sorted((s.n, sl.offset) for s in ir.spaces for sl in s.slices
+    ...         if sl.param == "fc.weight" and sl.dim == 0)
     [(3, 0), (5, 3)]
 """
 from __future__ import annotations
