@@ -182,17 +182,23 @@ def run(args) -> dict:
     modes = ("hmir",) + (() if args.no_tp or env["torch_pruning"] is None else ("tp",))
     todo = [(s, m) for s in model_list(args) for m in modes if m not in records.get(s, {})]
     running: list[Child] = []
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            running.append(Child(*todo.pop(0), args))
-        time.sleep(0.5)
-        for c in [c for c in running if c.poll()]:
-            running.remove(c)
-            rec = c.result()
-            records.setdefault(c.spec, {})[c.mode] = rec
-            print(f"[coverage] {c.spec:40s} {c.mode:4s} {rec['seconds']:6.0f} s "
-                  f"{rec['peak_mb']:6.0f} MB  {rec['error'] or 'ok'}", flush=True)
-            save(args, env, records)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # → finally: no orphaned children
+    try:
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                running.append(Child(*todo.pop(0), args))
+            time.sleep(0.5)
+            for c in [c for c in running if c.poll()]:
+                running.remove(c)
+                rec = c.result()
+                records.setdefault(c.spec, {})[c.mode] = rec
+                print(f"[coverage] {c.spec:40s} {c.mode:4s} {rec['seconds']:6.0f} s "
+                      f"{rec['peak_mb']:6.0f} MB  {rec['error'] or 'ok'}", flush=True)
+                save(args, env, records)
+    finally:
+        for c in running:
+            os.killpg(c.proc.pid, signal.SIGKILL)
+            shutil.rmtree(c.tmp, ignore_errors=True)
     save(args, env, records)
     return records
 
