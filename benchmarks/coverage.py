@@ -26,6 +26,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -226,6 +227,17 @@ def _md(text: str | None, n: int = 160) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
+def error_key(line: str) -> str:
+    """An error line with its file paths and numbers replaced by ``<path>`` and ``#``, so that
+    one failure met with different sizes or tolerances is one group.
+
+    >>> error_key("onnx: /tmp/a1/m.onnx: max 0.00082 > atol = 0.0001 at node 'mul_3'")
+    "onnx: <path>: max # > atol = # at node 'mul_#'"
+    """
+    line = re.sub(r"(?<![\w.])/[^\s:,;'\"()]+", "<path>", line)
+    return re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", line)
+
+
 def render(env: dict, records: dict, args, totals_only: bool = False) -> str:
     """The markdown report: totals per suite, hmir vs torch-pruning, one row per model, and the
     failures grouped by their first error line."""
@@ -267,7 +279,7 @@ def render(env: dict, records: dict, args, totals_only: bool = False) -> str:
     groups: dict[str, list[str]] = {}
     for spec, r in records.items():
         if r.get("hmir", {}).get("error"):
-            groups.setdefault(r["hmir"]["error"], []).append(spec)
+            groups.setdefault(error_key(r["hmir"]["error"]), []).append(spec)
     L += ["", "## hmir failures grouped by first error line", "", "| models | first error line |",
           "|---|---|"]
     L += [f"| {len(v)}: {', '.join(v)} | {_md(k, 400)} |"

@@ -151,3 +151,26 @@ def test_onnx_parity_failure_keeps_its_numbers(tmp_path):
     rec = cov._step("onnx", lambda: cov._onnx(Result(), torch.randn(2, 4), tmp_path / "m.onnx"))
     assert not rec["ok"] and rec["error"] == "ExportError: ONNX export does not match torch"
     assert rec["max_abs"] == 0.0 and rec["rel"] == 0.0
+
+
+def test_report_from_fake_records():
+    """benchmarks/coverage.py's markdown: totals per suite, and one group per failure kind."""
+    import argparse
+    import doctest
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_coverage", ROOT / "benchmarks" / "coverage.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert doctest.testmod(bench).failed == 0                     # error_key's example
+    ok, full = {"ok": True}, {k: {"ok": True, "rel": 0.0} for k in cov.STEPS}
+    bad = lambda n: {"lower": {"ok": False, "error": f"LoweringError: node 'mul_{n}'"}}  # noqa: E731
+    records = {"tv:a": {"hmir": {"steps": full, "size": 64}, "tp": {"steps": {"builds": ok}}},
+               "tv:b": {"hmir": {"steps": bad(1), "error": "lower: LoweringError: node 'mul_1'"}},
+               "timm:c": {"hmir": {"steps": bad(2), "error": "lower: LoweringError: node 'mul_2'"}}}
+    env = {k: "?" for k in ("date", "cpu", "cores", "torch", "torchvision", "timm", "torch_pruning",
+                            "hmir_commit")}
+    md = bench.render(env, records, argparse.Namespace(timeout=240, memory_gb=8))
+    assert "| torchvision | 2 | 1 | 1 | 1 | 1 | **1** | 1/1 | 0/1 |" in md
+    assert "| timm | 1 | 0 | 0 | 0 | 0 | **0** | 0/0 | 0/0 |" in md
+    assert "| 2: tv:b, timm:c | lower: LoweringError: node 'mul_#' |" in md
