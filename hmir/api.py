@@ -70,11 +70,14 @@ class MergeResult:
     example: torch.Tensor
     state: MergeState | None = None
 
-    def to_onnx(self, path: str | Path, *, example: torch.Tensor | None = None, atol: float = 1e-4):
-        """Export the merged module to ONNX with a dynamic batch; checks parity with onnxruntime."""
+    def to_onnx(self, path: str | Path, *, example: torch.Tensor | None = None, rtol: float = 1e-4,
+                atol: float = 1e-6):
+        """Export the merged module to ONNX with a dynamic batch; checks parity with onnxruntime,
+        each output within ``atol + rtol * max|output|`` (:func:`~hmir.backend.onnx_export.export_onnx`)."""
         from hmir.backend.onnx_export import export_onnx
 
-        return export_onnx(self.module, self.example if example is None else example, path, atol=atol)
+        return export_onnx(self.module, self.example if example is None else example, path,
+                           rtol=rtol, atol=atol)
 
     def to_pretrained(self, *, rtol: float = 1e-4):
         """The merged model as an instance of model A's Hugging Face class with a new config
