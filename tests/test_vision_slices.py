@@ -208,10 +208,10 @@ def test_shufflenet_v2():
     perms = random_permutation(ir, seed=1)
     ps = permute_state(ir, m.state_dict(), perms)
     sd = m.state_dict()
-    w = "stage2.0.branch2.0.weight"               # its rows are a free space, its columns shuffled
+    w = "stage2.1.branch2.0.weight"               # its rows are a free space, its columns shuffled
     assert not torch.equal(ps[w], sd[w])
     assert torch.equal(ps[w].sort(0).values, sd[w].sort(0).values)      # rows moved, columns not
-    assert torch.equal(ps["conv1.0.weight"], sd["conv1.0.weight"])
-    last = "stage2.0.branch2.5.weight"            # reads the free space, writes shuffled rows
+    assert torch.equal(ps["stage3.0.branch1.0.weight"], sd["stage3.0.branch1.0.weight"])
+    last = "stage2.1.branch2.5.weight"            # reads the free space, writes shuffled rows
     assert not torch.equal(ps[last], sd[last])
     assert torch.equal(ps[last].sort(1).values, sd[last].sort(1).values)
