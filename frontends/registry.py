@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from hmir.errors import HMIRError
 from hmir.frontends.rules import Affine, GetItem, LayerNormRule, Meta, ParamOp, Pointwise, Spatial
-from hmir.frontends.shape_rules import Cat, Flatten, Permute, Reduce, Reshape
+from hmir.frontends.shape_rules import Cat, Flatten, FNorm, Permute, Reduce, Reshape
 
 PW, SP, META = Pointwise(), Spatial(), Meta()
 CONV = ParamOp(in_dim=1, groups="groups", name="conv")
@@ -66,7 +66,9 @@ FUNCTION_RULES: dict[object, object] = {
                        torch.mul, torch.div, torch.relu, torch.sigmoid, torch.tanh, F.relu,
                        F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.hardtanh,
                        F.leaky_relu, F.elu, F.dropout, F.sigmoid, F.softmax, F.log_softmax,
-                       torch.softmax)},
+                       torch.softmax, torch.addcmul, torch.pow, operator.pow, operator.floordiv,
+                       operator.mod, operator.eq, operator.ne, operator.lt, operator.le,
+                       operator.gt, operator.ge)},
     **{f: SP for f in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d,
                        F.adaptive_avg_pool1d, F.max_pool1d, F.avg_pool1d, F.interpolate)},
     torch.flatten: Flatten(),
@@ -80,12 +82,15 @@ FUNCTION_RULES: dict[object, object] = {
     torch.amax: Reduce(),
     operator.getitem: GetItem(),
     getattr: META,
+    torch._assert: META,
+    F.layer_norm: FNorm(),
+    F.group_norm: FNorm(dim=1, shape_arg=None, groups_arg=1),
 }
 
 METHOD_RULES: dict[str, object] = {
     **{m: PW for m in ("relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach",
                        "add", "add_", "mul", "mul_", "sub", "div", "softmax", "float")},
-    "flatten": Flatten(), "view": Reshape(), "reshape": Reshape(),
+    "flatten": Flatten(), "view": Reshape(), "reshape": Reshape(), "reshape_as": Reshape(),
     "mean": Reduce(), "sum": Reduce(), "amax": Reduce(),
     "permute": Permute(), "transpose": Permute(),
     "size": META, "dim": META, "numel": META,

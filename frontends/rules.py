@@ -71,9 +71,25 @@ class Ctx:
 
 def _param(ctx: Ctx, attr: str) -> str | None:
     """Qualified name of a called module's parameter/buffer ``attr`` (None if absent)."""
-    if getattr(ctx.module, attr, None) is None:
+    if attr is None or getattr(ctx.module, attr, None) is None:
         return None
     return f"{ctx.node.target}.{attr}"
+
+
+def position_axis(b: Builder, v: Val, dim: int, what: str) -> tuple:
+    """The axis ``v`` carries at ``dim``, read by a layer. A dim with no feature (tokens, a
+    constant table's coordinates) holds positions: a new *fixed* space (never permuted, merged
+    unit i with unit i); a parameter read so is data (no feature dim). Heads are an error."""
+    dim %= v.ndim
+    if dim in v.axes or v.raw:
+        return b.axis_of(v, dim, what)
+    if any(dim in (h, hd.d) for h, hd in (getattr(v, "heads", None) or {}).items()):
+        b.fail(f"{what} reads dim {dim}, which holds attention heads")
+    why = f"positions: {what} at '{b.node.name}' reads dim {dim} of shape {tuple(v.shape)}"
+    sid = b.new_space(v.shape[dim], f"positions:{b.node.name}:{dim}", fixed=why)
+    if v.param is not None and v.param not in b.param_dims:
+        b.declare(v.param, reason=f"read as data by '{b.node.name}' (constant positions)")
+    return (Segment(sid),)
 
 
 @dataclass(frozen=True)
@@ -86,7 +102,9 @@ class Pointwise:
 
     name: str = "pointwise"
 
-    def apply(self, ctx: Ctx) -> Val:
+    def apply(self, ctx: Ctx) -> Val | None:
+        if not ctx.tensor_args() and not hasattr(ctx.node.meta.get("tensor_meta"), "shape"):
+            return None                           # arithmetic on sizes (H // 2, H == 224)
         ops, out = ctx.tensor_args(), ctx.out_shape()
         axes: dict[int, tuple] = {}
         for d in range(len(out)):
@@ -111,10 +129,14 @@ class Pointwise:
         for v, dv in here:
             if dv in v.axes:
                 continue
-            if v.param is not None:
-                b.axis_slices(v.param, dv, axis, "out")
+            if v.param is not None:                  # a view of it: at its own dim
+                b.axis_slices(v.param, (getattr(v, "pdims", None) or {}).get(dv, dv), axis, "out")
             elif v.raw:
                 axis = b.union_axes(axis, b.axis_of(v, dv))
+            elif v.axes or getattr(v, "heads", None):    # positions of a feature tensor
+                for seg in axis:                           # (tokens) meet features: kept
+                    b.fix(seg.space, f"positions: joined at '{b.node.name}' with dim {dv} of "
+                                     f"shape {tuple(v.shape)}, which carries no feature")
             else:
                 b.fail(f"combines a feature axis with a tensor of shape {v.shape} whose dim {dv} "
                        f"carries no known feature layout")
@@ -145,9 +167,9 @@ class ParamOp:
             b.fail(f"has no weight attribute '{self.weight}'")
         shape = tuple(getattr(ctx.module, self.weight).shape)
         dim = self.in_dim % x.ndim
-        axis = b.axis_of(x, dim, "this op")
+        axis = position_axis(b, x, dim, f"this {self.name}")
         groups = int(getattr(ctx.module, self.groups)) if self.groups else 1
-        outs = [p for p in [_param(ctx, self.bias) if self.bias else None] + [_param(ctx, e) for e in self.extra_out] if p]
+        outs = [p for p in map(lambda a: _param(ctx, a), (self.bias, *self.extra_out)) if p]
         b.read_point(x, axis)
         if groups == 1:
             out_axis = self._dense(b, w, shape, axis, outs, ctx.node.name)

@@ -1,4 +1,5 @@
-"""Shape rules: flatten, reshape, permute, reductions and concat move feature axes between dims.
+"""Shape rules: flatten, reshape, permute, reductions and concat move feature axes between dims;
+and the functional norms (``F.layer_norm``, ``F.group_norm``), whose parameters are arguments.
 
 Example::
 
@@ -70,7 +71,11 @@ class Reshape:
         if [x.shape[d] for d in big_in] == [out[d] for d in big_out] and \
                 all(d in big_in for d in x.axes):          # only size-1 dims added/removed
             where = dict(zip(big_in, big_out))
-            return ctx.emit({where[d]: a for d, a in x.axes.items()}, raw=x.raw, sources=(x,))
+            v = ctx.emit({where[d]: a for d, a in x.axes.items()}, raw=x.raw, sources=(x,))
+            if x.param is not None:                        # gamma.reshape(1, -1, 1, 1)
+                base = getattr(x, "pdims", None) or {d: d for d in range(x.ndim)}
+                v.param, v.pdims = x.param, {where[d]: base[d] for d in big_in if d in base}
+            return v
         lo = 0
         while lo < min(len(out), x.ndim) and x.shape[lo] == out[lo]:
             lo += 1
@@ -153,3 +158,35 @@ class Permute:
             order = [d % x.ndim for d in dims]
         axes = {new: x.axes[old] for new, old in enumerate(order) if old in x.axes}
         return ctx.emit(axes, raw=x.raw, sources=(x,))
+
+
+@dataclass(frozen=True)
+class FNorm:
+    """``F.layer_norm(x, shape, weight, bias)`` / ``F.group_norm(x, groups, weight, bias)``: the
+    module norms' rules (:class:`~hmir.frontends.rules.Affine`) with the parameters passed as
+    ``get_attr`` arguments (a ``LayerNorm2d``'s forward). Example: ``FNorm(dim=1, shape_arg=None,
+    groups_arg=1)`` is ``F.group_norm``."""
+
+    dim: int = -1
+    shape_arg: int | None = 1
+    groups_arg: int | None = None
+    name: str = "norm"
+
+    def apply(self, ctx: Ctx) -> Val:
+        x, b = ctx.first(), ctx.b
+        shape = ctx.arg(self.shape_arg, "normalized_shape") if self.shape_arg else (1,)
+        if not isinstance(shape, (tuple, list)) or len(shape) != 1:
+            b.fail(f"normalises over dims {shape}; only the last dim (literal shape) is supported")
+        axis = b.axis_of(x, self.dim, "this norm")
+        g = ctx.arg(self.groups_arg, "num_groups") if self.groups_arg is not None else 1
+        if g != 1:                     # one group: statistics over all units, no structure
+            if not isinstance(g, int) or len(axis) != 1:
+                b.fail(f"normalises {g} groups over a composite feature axis {axis}")
+            b.set_group(axis[0].space, b.axis_width(axis) // g)
+        for i, n in ((2, "weight"), (3, "bias")):
+            v = ctx.val(ctx.arg(i, n, None))
+            if v is not None and v.param is None:
+                b.fail(f"takes its {n} from a computed tensor; hmir slices only parameters")
+            if v is not None:
+                b.axis_slices(v.param, 0, axis, "out")
+        return ctx.emit({**x.axes, self.dim % x.ndim: axis}, sources=(x,))
