@@ -8,17 +8,17 @@ Example::
     >>> ir_a, ir_b, used, notes = lower_pair(a, b, x, ("a", "b"))
     >>> used, notes, ir_b.spaces[1].n
     ('fx', [], 16)
-    >>> class Half(nn.Module):           # symbolic_trace records ``//`` as an op with no rule
+    >>> class Clamp(nn.Module):          # symbolic_trace records ``clamp`` as an op with no rule
     ...     def __init__(self):
     ...         super().__init__(); self.fc = nn.Linear(4, 2)
     ...     def forward(self, x):
-    ...         return self.fc(x[:, : x.shape[1] // 2 * 2])
-    >>> ir_a, ir_b, used, notes = lower_pair(Half(), Half(), x, ("a", "b"))
+    ...         return self.fc(x.clamp(min=0))
+    >>> ir_a, ir_b, used, notes = lower_pair(Clamp(), Clamp(), x, ("a", "b"))
     >>> used, ir_a.frontend
     ('export', 'export')
     >>> print(notes[0])
-    frontend: torch.export (symbolic_trace failed: a: node 'floordiv'
-    (call_function _operator.floordiv) has no lowering rule)
+    frontend: torch.export (symbolic_trace failed: a: node 'clamp'
+    (call_method clamp) has no lowering rule)
 """
 from __future__ import annotations
 
