@@ -25,6 +25,7 @@ from hmir.frontends.aten_index_rules import INDEX_RULES
 from hmir.frontends.aten_param_rules import Conv, Embedding, Linear, Norm
 from hmir.frontends.aten_rules import APointwise, Expand, Featureless, NoHeads
 from hmir.frontends.aten_select_rules import ACat, Select, SliceRule
+from hmir.frontends.aten_shuffle_rules import SHUFFLE_RULES
 from hmir.frontends.aten_token_rules import TOKEN_RULES
 from hmir.frontends.head_rules import APermute, AReshape, Attention, MatMul
 from hmir.frontends.rules import Meta, Spatial
@@ -82,6 +83,7 @@ ATEN_RULES: dict[object, object] = {
                          operator.truediv, operator.getitem, torch.sym_int, torch.sym_float)},
     **INDEX_RULES,
     **TOKEN_RULES,
+    **SHUFFLE_RULES,
     **FUSED_RULES,                  # last: its getitem hands out the pieces of a split
 }
 

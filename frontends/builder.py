@@ -83,7 +83,11 @@ class Builder:
         self.uf.union(a, b)
 
     def union_axes(self, x: tuple, y: tuple) -> tuple:
-        """Join two axes segment by segment (they must have the same layout)."""
+        """Join two axes segment by segment (they must have the same layout; segments cut at
+        different units are cut alike first: :func:`hmir.frontends.subspaces.align_axes`)."""
+        if [self.axis_width((s,)) for s in x] != [self.axis_width((s,)) for s in y]:
+            from hmir.frontends.subspaces import align_axes
+            x, y = align_axes(self, x, y)
         if len(x) != len(y) or any((s.inner, s.outer) != (t.inner, t.outer) for s, t in zip(x, y)):
             self.fail(f"joins two tensors whose feature layouts differ: {x} vs {y}")
         for s, t in zip(x, y):

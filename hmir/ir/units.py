@@ -105,7 +105,8 @@ def cut_chain(gm: fx.GraphModule) -> list[fx.Node]:
         if n is src:
             break
         n = idom[n]
-    return chain[::-1]
+    return [n for n in chain[::-1]               # a tuple of pieces (chunk) is not a value
+            if n is src or hasattr(n.meta.get("tensor_meta"), "shape")]
 
 
 def _spaces(ir: MergeIR, name: str) -> tuple:
