@@ -25,7 +25,7 @@ import torch
 
 from hmir.frontends.aten_param_rules import Norm
 from hmir.frontends.aten_rules import ACtx, APointwise, AVal, _carries, heads_of, pmap
-from hmir.frontends.head_rules import APermute, groups
+from hmir.frontends.head_rules import APermute, AReshape, groups
 from hmir.frontends.rules import Pointwise
 from hmir.ir import ObsPoint
 
@@ -168,7 +168,8 @@ def view_dims(ctx: ACtx, x) -> dict[int, int] | None:
 
 
 _VIEWS = {**{getattr(aten, n): "reshape" for n in ("view", "reshape", "_unsafe_view", "unflatten",
-                                                    "flatten", "unsqueeze", "squeeze")},
+                                                    "flatten", "unsqueeze", "squeeze", "view_as",
+                                                    "reshape_as")},
           **{getattr(aten, n): "permute" for n in ("permute", "transpose", "t")}}
 
 
@@ -244,6 +245,8 @@ def _with_inplace(names: str, rule) -> dict:
 
 INDEX_RULES: dict[object, object] = {
     aten.index: Index(),
+    aten.reshape_as: AReshape(sizes_arg=None),          # sizes from the template tensor
+    aten.view_as: AReshape(sizes_arg=None),
     **_with_inplace("fill", Constant("fill")),
     **{getattr(aten, n): Constant() for n in ("new_zeros", "new_ones", "new_full", "new_empty",
                                               "zeros_like", "ones_like", "full_like", "empty_like")},

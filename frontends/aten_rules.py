@@ -169,6 +169,10 @@ class APointwise(Pointwise):
         from hmir.frontends.aten_index_rules import bind_heads
         bound = bind_heads(ctx, ops, out, heads)
         v = super().apply(ctx)
+        for op in ops:                      # a scalar parameter (StarReLU's scale): no feature dim
+            if pmap(op) is not None and all(n == 1 for n in op.shape) and \
+                    op.param not in ctx.b.param_dims:
+                ctx.b.declare(op.param, reason="a scalar read by an elementwise op")
         for i, op in enumerate(ops):
             self._constant(ctx, op, heads, len(out) - op.ndim, bound.get(i, ()))
         v.heads = heads
@@ -287,8 +291,7 @@ class Expand:
                  for h, hd in heads_of(x).items()}
         pdims = None
         if x.param is not None:
-            base = x.pdims or {d: d for d in range(x.ndim)}
-            pdims = {d + shift: p for d, p in base.items()}
+            pdims = {d + shift: p for d, p in pmap(x).items()}
         v = ctx.emit(axes, raw=x.raw, sources=(x,), heads=heads, pdims=pdims)
         v.param = x.param
         ins = (1,) * shift + tuple(x.shape)
