@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from hmir.frontends.aten_param_rules import Norm
-from hmir.frontends.aten_rules import ACtx, APointwise, AVal, _carries, heads_of, pmap
+from hmir.frontends.aten_rules import ACtx, APointwise, AVal, Expand, _carries, heads_of, pmap
 from hmir.frontends.head_rules import APermute, AReshape, groups
 from hmir.frontends.rules import Pointwise
 from hmir.ir import ObsPoint
@@ -231,9 +231,11 @@ class Constant:
     def apply(self, ctx: ACtx):
         if self.name == "fill":
             x, value = ctx.val(ctx.arg(0, "self")), ctx.val(ctx.arg(1, "value", None))
-            if x is None or x.axes or heads_of(x) or x.raw or value is not None and value.ndim:
-                ctx.b.fail("fills a feature tensor, or fills with a tensor that is not a scalar; "
-                           "hmir follows fill only on constant (index) tensors")
+            if not getattr(x, "index", False) or value is not None and value.ndim:
+                ctx.b.fail("writes in place into a tensor that is not a constant (index) tensor "
+                           "(a feature tensor, or a parameter: Swin V2's qkv_bias[C:2C].zero_()), "
+                           "or fills with a tensor that is not a scalar; hmir follows in-place "
+                           "fills only on constants")
             if value is not None and value.param is not None and value.param not in ctx.b.param_dims:
                 ctx.b.declare(value.param, reason="a scalar filled into a constant (no feature dim)")
         return AVal(ctx.out_shape(), index=True)
@@ -245,9 +247,11 @@ def _with_inplace(names: str, rule) -> dict:
 
 INDEX_RULES: dict[object, object] = {
     aten.index: Index(),
+    aten.expand_as: Expand(),                           # F.normalize: x / norm.expand_as(x)
     aten.reshape_as: AReshape(sizes_arg=None),          # sizes from the template tensor
     aten.view_as: AReshape(sizes_arg=None),
     **_with_inplace("fill", Constant("fill")),
+    aten.zero_: Constant("fill"),
     **{getattr(aten, n): Constant() for n in ("new_zeros", "new_ones", "new_full", "new_empty",
                                               "zeros_like", "ones_like", "full_like", "empty_like")},
     **_with_inplace("sin cos addcmul addcdiv", APointwise()),

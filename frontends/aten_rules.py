@@ -225,6 +225,7 @@ class APointwise(Pointwise):
         for h, hd in heads.items():
             for d, what in ((h, "head"), (hd.d, "units")):
                 if d is None or d - shift < 0 or op.shape[d - shift] == 1 or _carries(op, d - shift) \
+                        or d - shift in getattr(op, "copies", ()) \
                         or (what == "head" and (d - shift in op.axes or d - shift in bound)):
                     continue
                 if what == "units" and getattr(op, "index", False):
@@ -243,7 +244,8 @@ def _same_heads(x: Head, xv, y: Head, yv, out: tuple) -> bool:
     if x.d is not None and y.d is not None:
         return x.d == y.d and x.units(out) == y.units(out)
     (n, nv), d = (x, xv) if x.d is None else (y, yv), x.d if x.d is not None else y.d
-    return d is None or _size(nv, d - len(out) + nv.ndim) in (1, None)
+    return d is None or _size(nv, d - len(out) + nv.ndim) in (1, None) or \
+        d - len(out) + nv.ndim in getattr(nv, "copies", ())          # expand_as of a norm
 
 
 def _size(v, d: int | None) -> int | None:
