@@ -90,8 +90,7 @@ class ACtx(Ctx):
     """The rule context for aten graphs: emits :class:`AVal` values."""
 
     def emit(self, axes, raw=False, sources=(), heads=None, pdims=None) -> AVal:
-        """The output value; a reshape or permute of a parameter stays a view of it
-        (:func:`~hmir.frontends.aten_index_rules.view_dims`), whichever rule lowered it."""
+        """The output; a reshape/permute of a parameter stays its view (``view_dims``)."""
         v = AVal(self.out_shape(), axes, raw, heads=heads or {}, pdims=pdims)
         if pdims is None and not axes and not heads and sources:
             from hmir.frontends.aten_index_rules import view_dims
