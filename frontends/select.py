@@ -79,3 +79,28 @@ def lower_pair(a: nn.Module, b: nn.Module, example: torch.Tensor, names: tuple[s
     except LoweringError as e:
         raise type(e)(f"{e}\n  (frontend='auto': symbolic_trace failed first: {why})") from e
     return (*irs, "export", [f"frontend: torch.export (symbolic_trace failed: {why})"])
+
+
+def lower(model: nn.Module, example: torch.Tensor, name: str = "model", *,
+          frontend: str = "auto") -> MergeIR:
+    """Lower one model as :func:`~hmir.compile_merge` would: ``"auto"`` tries symbolic_trace
+    and falls back to torch.export when it fails (``ir.frontend`` says which was used).
+
+    Example::
+
+        >>> from hmir.harness import zoo
+        >>> lower(zoo.mlp(4, (8,), 2), torch.randn(2, 4)).frontend
+        'fx'
+    """
+    check_frontend(frontend)
+    if frontend != "auto":
+        return lower_with(frontend, model, example, name)
+    try:
+        return lower_with("fx", model, example, name)
+    except LoweringError as e:
+        why = str(e).splitlines()[0][:300]
+    try:
+        return lower_with("export", model, example, name)
+    except LoweringError as e:
+        raise type(e)(f"{e}\n  (frontend='auto': symbolic_trace failed first: {why})") from e
+
