@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from hmir.frontends.aten_einsum_rules import Einsum
 from hmir.frontends.aten_param_rules import Norm
 from hmir.frontends.aten_rules import ACtx, APointwise, AVal, Expand, _carries, heads_of, pmap
 from hmir.frontends.head_rules import APermute, AReshape, groups
@@ -170,7 +171,8 @@ def view_dims(ctx: ACtx, x) -> dict[int, int] | None:
 _VIEWS = {**{getattr(aten, n): "reshape" for n in ("view", "reshape", "_unsafe_view", "unflatten",
                                                     "flatten", "unsqueeze", "squeeze", "view_as",
                                                     "reshape_as")},
-          **{getattr(aten, n): "permute" for n in ("permute", "transpose", "t")}}
+          **{getattr(aten, n): "permute" for n in ("permute", "transpose", "t", "swapaxes",
+                                                    "swapdims")}}
 
 
 @dataclass(frozen=True)
@@ -231,11 +233,13 @@ class Constant:
     def apply(self, ctx: ACtx):
         if self.name == "fill":
             x, value = ctx.val(ctx.arg(0, "self")), ctx.val(ctx.arg(1, "value", None))
-            if not getattr(x, "index", False) or value is not None and value.ndim:
-                ctx.b.fail("writes in place into a tensor that is not a constant (index) tensor "
-                           "(a feature tensor, or a parameter: Swin V2's qkv_bias[C:2C].zero_()), "
-                           "or fills with a tensor that is not a scalar; hmir follows in-place "
-                           "fills only on constants")
+            if value is not None and (value.ndim or not getattr(value, "index", False)
+                                      and value.param is None):
+                ctx.b.fail("fills in place with a tensor that is not a scalar constant; hmir "
+                           "follows in-place fills only with constants")
+            if not getattr(x, "index", False):
+                from hmir.frontends.aten_fill_rules import fill_in_place
+                return fill_in_place(ctx, x)
             if value is not None and value.param is not None and value.param not in ctx.b.param_dims:
                 ctx.b.declare(value.param, reason="a scalar filled into a constant (no feature dim)")
         return AVal(ctx.out_shape(), index=True)
@@ -247,6 +251,9 @@ def _with_inplace(names: str, rule) -> dict:
 
 INDEX_RULES: dict[object, object] = {
     aten.index: Index(),
+    aten.einsum: Einsum(),                              # a batched matmul (MaxViT attention)
+    aten.swapaxes: APermute(),                          # transposes by another name
+    aten.swapdims: APermute(),
     aten.expand_as: Expand(),                           # F.normalize: x / norm.expand_as(x)
     aten.reshape_as: AReshape(sizes_arg=None),          # sizes from the template tensor
     aten.view_as: AReshape(sizes_arg=None),

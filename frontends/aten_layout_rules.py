@@ -101,13 +101,15 @@ def place(o: tuple, gj: list[int], outer: int, inner: int, width: int):
 
 def fold_group(ctx: ACtx, x: AVal, a: tuple, o: tuple, gi: list[int], gj: list[int],
                axes: dict, folds: dict) -> None:
-    """One reshape group holding a single plain (or folded) feature: place it among ``gj``
-    as a plain dim, a flattened one (``units × inner``) or a folded one."""
+    """One reshape group holding a single feature (plain, flattened or folded): place it
+    among ``gj`` as a plain dim, a flattened one (``outer × units × inner`` where every
+    factor around the units is a position: Swin's patch merging ``(…, 2, 2, C) -> 4C``, and
+    its reverse) or a folded one (the batch among the factors: a patch unfold)."""
     b = ctx.b
-    found = [(d, x.axes[d][0], 1, x.axes[d][0].inner) for d in gi if d in x.axes] + \
+    found = [(d, x.axes[d][0], x.axes[d][0].outer, x.axes[d][0].inner) for d in gi
+             if d in x.axes] + \
         [(d, seg, None, inner) for d, (seg, inner) in getattr(x, "folds", {}).items() if d in gi]
-    if len(found) != 1 or (found[0][0] in x.axes and (len(x.axes[found[0][0]]) != 1 or
-                                                       found[0][1].outer != 1)):
+    if len(found) != 1 or (found[0][0] in x.axes and len(x.axes[found[0][0]]) != 1):
         b.fail(f"reshapes {tuple(x.shape)} -> {ctx.out_shape()}, which merges or regroups "
                f"feature dims {[f[0] for f in found]} in a way hmir cannot follow")
     f, seg, outer_f, inner_f = found[0]
@@ -120,9 +122,9 @@ def fold_group(ctx: ACtx, x: AVal, a: tuple, o: tuple, gi: list[int], gj: list[i
         b.fail(f"reshapes {tuple(x.shape)} -> {ctx.out_shape()}, which cuts feature dim {f} "
                f"(width {width}) apart; only whole features can be merged")
     j, outer_j, inner_j = spot
-    if outer_j == 1:
-        axes[j] = (Segment(seg.space, inner_j),)
-    else:
+    if outer_j == 1 or not ctx.sym()[j].free_symbols:        # positions only around the units
+        axes[j] = (Segment(seg.space, inner_j, outer_j),)
+    else:                                                     # the batch is folded in
         folds[j] = (Segment(seg.space), inner_j)
 
 

@@ -1,0 +1,114 @@
+"""``aten.einsum`` of two computed tensors, read as the batched matmul it is.
+
+An equation of two operands is classified letter by letter: *batch* letters appear in both
+operands and in the output, one *contracted* letter in both operands only, one *row* letter
+in the first operand and the output, one *column* letter in the second operand and the
+output. With the output written ``batch… row column``, the einsum is ``A' @ B'`` for ``A'`` =
+the first operand laid out ``batch… row contracted`` and ``B'`` = the second laid out
+``batch… contracted column``, and :class:`~hmir.frontends.attention_rules.MatMul`'s semantics
+apply unchanged: ``q·kᵀ`` contracts head units (MaxViT: ``"B G H I D, B G H J D -> B G H
+I J"``), ``weights · v`` gives v's heads, features contracted with features join. Any other
+equation (three operands, a parameter operand, a diagonal, several contracted letters, an
+output in another order) is an error naming the equation.
+
+Example::
+
+    >>> parse("b h i d, b h j d -> b h i j", (4, 4))
+    (['b', 'h'], 'i', 'd', 'j')
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hmir.frontends.aten_rules import ACtx, AVal, pmap
+from hmir.frontends.attention_rules import MatMul
+
+
+def _letters(term: str, ndim: int) -> list[str]:
+    term = term.replace(" ", "")
+    if "..." in term:
+        pre, post = term.split("...")
+        k = ndim - len(pre) - len(post)            # labelled from the right (broadcasting)
+        return list(pre) + [f"...{k - 1 - i}" for i in range(k)] + list(post)
+    return list(term)
+
+
+def parse(eq: str, ndims: tuple[int, int]):
+    """``(batch letters, row, contracted, column)`` of a two-operand matmul-like equation,
+    or None when the equation is not one."""
+    if "->" not in eq or eq.count(",") != 1:
+        return None
+    ins, out = eq.split("->")
+    a, b = (_letters(t, n) for t, n in zip(ins.split(","), ndims))
+    dots = max(sum(c.startswith("...") for c in t) for t in (a, b))
+    o = _letters(out, len(out.replace(" ", "").replace("...", "")) + dots)
+    if len(a) != ndims[0] or len(b) != ndims[1] or any(len(set(t)) != len(t) for t in (a, b, o)):
+        return None
+    batch = [c for c in o if c in a and c in b]
+    rows, cols = [c for c in o if c in a and c not in b], [c for c in o if c in b and c not in a]
+    con = [c for c in a if c in b and c not in o]
+    if len(rows) != 1 or len(cols) != 1 or len(con) != 1 or o != batch + rows + cols or \
+            set(a) != set(batch + rows + con) or set(b) != set(batch + con + cols):
+        return None
+    return batch, rows[0], con[0], cols[0]
+
+
+def laid_out(v: AVal, order: list[int]) -> AVal:
+    """``v`` with its dims in ``order`` (``order[new] = old``), as a permute would give it."""
+    where = {old: new for new, old in enumerate(order)}
+    heads = {where[h]: type(hd)(**{**vars(hd), "d": None if hd.d is None else where[hd.d]})
+             for h, hd in (v.heads or {}).items()}
+    out = AVal(tuple(v.shape[d] for d in order), {where[d]: a for d, a in v.axes.items()},
+               v.raw, heads=heads)
+    out.origin.update(v.origin)
+    return out
+
+
+@dataclass(frozen=True)
+class Einsum:
+    """aten.einsum(equation, [a, b]): a batched matmul (see the module docstring)."""
+
+    name: str = "einsum"
+
+    def apply(self, ctx: ACtx):
+        b = ctx.b
+        eq, ops = ctx.arg(0, "equation"), [ctx.val(t) for t in ctx.arg(1, "tensors")]
+        if len(ops) != 2 or any(v is None for v in ops):
+            b.fail(f"computes einsum '{eq}' of {len(ops)} operands; hmir follows an einsum only "
+                   f"as a product of two computed tensors (a batched matmul)")
+        if any(pmap(v) is not None for v in ops):
+            b.fail(f"computes einsum '{eq}' with a parameter operand; hmir follows an einsum only "
+                   f"between two computed tensors (write it as F.linear or a matmul)")
+        if any(getattr(v, "rows", None) for v in ops):
+            b.fail(f"computes einsum '{eq}' of a product whose two last dims both hold head units")
+        form = parse(eq, (ops[0].ndim, ops[1].ndim))
+        if form is None:
+            b.fail(f"computes einsum '{eq}', which is not a batched matmul (batch letters in "
+                   f"both operands and the output, then one row letter of the first operand and "
+                   f"one column letter of the second, one contracted letter); rewrite it as a "
+                   f"matmul")
+        batch, row, con, col = form
+        a, c = (_letters(t, v.ndim) for t, v in zip(eq.split("->")[0].split(","), ops))
+        x = laid_out(ops[0], [a.index(t) for t in batch + [row, con]])
+        y = laid_out(ops[1], [c.index(t) for t in batch + [con, col]])
+        return matmul_of(ctx, x, y)
+
+
+def matmul_of(ctx: ACtx, x: AVal, y: AVal):
+    """:class:`~hmir.frontends.attention_rules.MatMul` applied to two laid-out operands."""
+    from hmir.frontends.attention_rules import _index, _units
+
+    n = len(ctx.out_shape())
+    ux, uy = _units(x), _units(y)
+    for v, what in ((x, "first"), (y, "second")):
+        if any(h >= v.ndim - 2 for h in _index(v)):
+            ctx.b.fail(f"computes an einsum whose {what} operand holds the attention head index "
+                       f"among its row or contracted letters; hmir follows heads only as batch "
+                       f"letters")
+    MatMul._contract(ctx, x, y, ux.get(x.ndim - 1), uy.get(y.ndim - 2))
+    axes = MatMul._batch(ctx, x, y, n)
+    if x.ndim - 2 in x.axes:
+        axes[n - 2] = x.axes[x.ndim - 2]
+    if y.ndim - 1 in y.axes:
+        axes[n - 1] = y.axes[y.ndim - 1]
+    return MatMul._heads(ctx, x, y, n, axes, ux.get(x.ndim - 2), uy.get(y.ndim - 1))
