@@ -7,9 +7,10 @@ output. With the output written ``batch… row column``, the einsum is ``A' @ B'
 the first operand laid out ``batch… row contracted`` and ``B'`` = the second laid out
 ``batch… contracted column``, and :class:`~hmir.frontends.attention_rules.MatMul`'s semantics
 apply unchanged: ``q·kᵀ`` contracts head units (MaxViT: ``"B G H I D, B G H J D -> B G H
-I J"``), ``weights · v`` gives v's heads, features contracted with features join. Any other
-equation (three operands, a parameter operand, a diagonal, several contracted letters, an
-output in another order) is an error naming the equation.
+I J"``), ``weights · v`` gives v's heads, features contracted with features join. A whole
+2-d parameter as one operand is a linear layer (:func:`param_einsum`). Any other equation
+(three operands, a diagonal, several contracted letters, an output in another order) is an
+error naming the equation.
 
 Example::
 
@@ -77,8 +78,7 @@ class Einsum:
             b.fail(f"computes einsum '{eq}' of {len(ops)} operands; hmir follows an einsum only "
                    f"as a product of two computed tensors (a batched matmul)")
         if any(pmap(v) is not None for v in ops):
-            b.fail(f"computes einsum '{eq}' with a parameter operand; hmir follows an einsum only "
-                   f"between two computed tensors (write it as F.linear or a matmul)")
+            return param_einsum(ctx, eq, ops)
         if any(getattr(v, "rows", None) for v in ops):
             b.fail(f"computes einsum '{eq}' of a product whose two last dims both hold head units")
         form = parse(eq, (ops[0].ndim, ops[1].ndim))
@@ -112,3 +112,35 @@ def matmul_of(ctx: ACtx, x: AVal, y: AVal):
     if y.ndim - 1 in y.axes:
         axes[n - 1] = y.axes[y.ndim - 1]
     return MatMul._heads(ctx, x, y, n, axes, ux.get(x.ndim - 2), uy.get(y.ndim - 1))
+
+
+def param_einsum(ctx: ACtx, eq: str, ops: list):
+    """``einsum("b n c, d c -> b n d", x, W)``: a linear layer. The parameter (a whole
+    2-d parameter) has one letter contracted with a feature dim of ``x`` (its ``in`` dim)
+    and one letter only it and the output have (its ``out`` dim, a new space)."""
+    from hmir.frontends.aten_param_rules import _is_param, refuse_heads
+    from hmir.frontends.rules import ParamOp
+
+    b = ctx.b
+    k = next((i for i, v in enumerate(ops) if pmap(v) is not None), 0)
+    w, x = ops[k], ops[1 - k]
+    terms = eq.split("->")[0].split(",") if "->" in eq and eq.count(",") == 1 else []
+    if not terms or pmap(x) is not None or not _is_param(w) or w.ndim != 2:
+        b.fail(f"computes einsum '{eq}' with a parameter operand that is not one whole 2-d "
+               f"parameter against a computed tensor; write it as F.linear or a matmul")
+    lw, lx = _letters(terms[k], 2), _letters(terms[1 - k], x.ndim)
+    lo = _letters(eq.split("->")[1], len(lx))
+    con, new = [c for c in lw if c in lx and c not in lo], [c for c in lw if c not in lx]
+    if len(con) != 1 or len(new) != 1 or sorted(lo) != sorted([c for c in lx if c != con[0]]
+                                                                 + new):
+        b.fail(f"computes einsum '{eq}', which is not a linear layer (the parameter contracts "
+               f"one dim of the input and writes one new output dim)")
+    refuse_heads(ctx, x, "applies a weight by einsum to")
+    xdim = lx.index(con[0])
+    axis = b.axis_of(x, xdim, f"einsum '{eq}'")
+    b.read_point(x, axis)
+    out = ParamOp(w_out=lw.index(new[0]), w_in=lw.index(con[0]))._dense(
+        b, w.param, tuple(w.shape), axis, [], ctx.node.name)
+    axes = {lo.index(lx[d]): a for d, a in x.axes.items() if d != xdim}
+    axes[lo.index(new[0])] = out
+    return ctx.emit(axes, sources=(x,))

@@ -226,7 +226,8 @@ class Positional:
 @dataclass(frozen=True)
 class Constant:
     """``new_zeros(x, size)`` / ``zeros_like(x)`` ...: reads only ``x``'s shape, dtype and
-    device, never its values: the result is a constant (an index value, no feature)."""
+    device, never its values: the result is a constant (an index value, no feature).
+    ``fill_``/``zero_`` of a constant too; of anything else: :mod:`~hmir.frontends.aten_fill_rules`."""
 
     name: str = "constant"
 
@@ -237,11 +238,11 @@ class Constant:
                                       and value.param is None):
                 ctx.b.fail("fills in place with a tensor that is not a scalar constant; hmir "
                            "follows in-place fills only with constants")
-            if not getattr(x, "index", False):
+            if value is not None and value.param is not None and value.param not in ctx.b.param_dims:
+                ctx.b.declare(value.param, reason="a scalar filled in place (no feature dim)")
+            if not getattr(x, "index", False):            # features, or a parameter's copy
                 from hmir.frontends.aten_fill_rules import fill_in_place
                 return fill_in_place(ctx, x)
-            if value is not None and value.param is not None and value.param not in ctx.b.param_dims:
-                ctx.b.declare(value.param, reason="a scalar filled into a constant (no feature dim)")
         return AVal(ctx.out_shape(), index=True)
 
 

@@ -123,6 +123,22 @@ class ZeroedEntry(ZeroedBias):
         return self.out(F.linear(x, self.fc.weight, b).relu())
 
 
+class ZeroedFeatures(ZeroedBias):
+    def forward(self, x):
+        y = self.fc(x)
+        y[:, 2:5].zero_()                # the slice cuts the space; the fill stays inside it
+        return self.out(y.relu())
+
+
+def test_zeroed_run_of_features():
+    torch.manual_seed(0)
+    m, x = _randomize(ZeroedFeatures()), torch.randn(3, 4)
+    ir = _perm_check(m, x)
+    assert sorted((sl.offset, s.n) for s in ir.spaces for sl in s.slices
+                  if sl.param == "fc.bias") == [(0, 2), (2, 3), (5, 3)]
+    _self_merge(m, x)
+
+
 def test_zeroed_entry_of_a_bias_is_an_error():
     with pytest.raises(LoweringError, match="in place"):
         lower(ZeroedEntry(), torch.randn(3, 4))
@@ -196,3 +212,22 @@ def test_torchvision_maxvit_einsum(tmp_path):
     m, x = _maxvit(), torch.randn(2, 3, 64, 64)
     _perm_check(m, x)
     _self_merge(m, x, tmp_path / "maxvit.onnx")
+
+
+class EinsumLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(8, 3))
+
+    def forward(self, x):                                   # x: (B, N, 4)
+        h = torch.einsum("bnc,dc->bdn", x, self.w1).relu()  # W x, output laid out (B, 8, N)
+        return torch.einsum("bdn,de->bne", h, self.w2)
+
+
+def test_einsum_with_a_parameter_is_a_linear_layer():
+    torch.manual_seed(0)
+    m, x = EinsumLinear().eval(), torch.randn(2, 5, 4)
+    ir = _perm_check(m, x)
+    assert sorted((sl.dim, sl.role) for sl in ir.slices_of("w2")) == [(0, "in"), (1, "out")]
+    assert [s.n for s in ir.free_spaces] == [8]
+    _self_merge(m, x)
