@@ -13,7 +13,9 @@
   fresh projection wrote (``c_attn(x).split(n, 2)`` → q, k, v; ``gate_up(x).chunk(2, -1)``)
   splits that space into one space per piece, with each piece's slices at its offset of the
   producing weight rows and bias; boundaries between segments (a concat split back) just
-  hand each piece its segments. Along the units of attention heads (GPT-NeoX's
+  hand each piece its segments. A space already joined or read elsewhere (EdgeNeXt's
+  ``x.chunk(4, 1)`` of a residual stream) is cut with everything joined with it into
+  sub-spaces (:func:`~hmir.frontends.subspaces.cut_at`), as a channel slice is. Along the units of attention heads (GPT-NeoX's
   ``qkv.view(B, S, H, 3d).chunk(3, -1)``) each piece is a run of every head's units
   (:func:`~hmir.frontends.aten_select_rules.split_head_units`). The op returns a tuple, read by
   ``operator.getitem``:
@@ -53,8 +55,10 @@ import torch
 from hmir.frontends.aten_layout_rules import (PieceSelect, PieceVal, chunk_pieces, refuse_layout,
                                               take_piece)
 from hmir.frontends.aten_param_rules import ParamMatmul, refuse_heads as _refuse_heads
-from hmir.frontends.aten_rules import ACtx, AVal, heads_of
+from hmir.frontends.aten_rules import ACtx, APointwise, AVal, heads_of
+from hmir.frontends.attention_rules import PAIR_OPS, PairPointwise
 from hmir.frontends.aten_select_rules import Select, split_head_units
+from hmir.frontends.subspaces import cut_at
 from hmir.ir import Segment
 
 aten = torch.ops.aten
@@ -83,27 +87,7 @@ def split_space(b, sid: int, widths: list[int]) -> list[int]:
     rs = b.raw[sid]
     if len(widths) == 1:
         return [sid]
-    why = None
-    if any(b.uf[i] == b.uf[sid] for i in range(len(b.raw)) if i != sid):
-        why = "they are joined with other features (a residual add, a product, a shared layer)"
-    elif any(sl.space == sid and (sl.role != "out" or not _plain(sl)) for sl in b.slices):
-        why = "a layer already reads them whole"
-    elif any(s == sid for s, _ in b.points):
-        why = "a layer already reads them whole"
-    elif rs.group_size != 1 or rs.cuts or rs.pins or any(
-            sid in (s, v.base) for s, v in b.views):
-        why = "they are already grouped into heads"
-    elif rs.fixed:
-        why = f"they are fixed ({rs.fixed})"
-    elif not any(sl.space == sid for sl in b.slices):
-        why = "no projection wrote them"
-    else:
-        own = {(sl.param, sl.dim) for sl in b.slices if sl.space == sid}
-        if any(sl.space != sid and (sl.param, sl.dim) in own for sl in b.slices):
-            why = "their layer is also called elsewhere (a shared weight)"
-        elif any(sid in (s.space for s in axis if not _plain(s))
-                 for v in _all_values(b) for axis in v.axes.values()):
-            why = "they are flattened with another dim"
+    why = _why_not_fresh(b, sid)
     if why:
         b.fail(f"selects part of a projection whose features are used elsewhere: space "
                f"'{rs.name}' (width {rs.width}) cannot be split into pieces of {widths} because "
@@ -132,6 +116,29 @@ def split_space(b, sid: int, widths: list[int]) -> list[int]:
     return new
 
 
+def _why_not_fresh(b, sid: int) -> str | None:
+    """Why space ``sid`` is not a fresh projection's output (None when it is)."""
+    rs = b.raw[sid]
+    if any(b.uf[i] == b.uf[sid] for i in range(len(b.raw)) if i != sid):
+        return "they are joined with other features (a residual add, a product, a shared layer)"
+    if any(sl.space == sid and (sl.role != "out" or not _plain(sl)) for sl in b.slices) or \
+            any(s == sid for s, _ in b.points):
+        return "a layer already reads them whole"
+    if rs.group_size != 1 or rs.cuts or rs.pins or any(sid in (s, v.base) for s, v in b.views):
+        return "they are already grouped into heads"
+    if rs.fixed:
+        return f"they are fixed ({rs.fixed})"
+    if not any(sl.space == sid for sl in b.slices):
+        return "no projection wrote them"
+    own = {(sl.param, sl.dim) for sl in b.slices if sl.space == sid}
+    if any(sl.space != sid and (sl.param, sl.dim) in own for sl in b.slices):
+        return "their layer is also called elsewhere (a shared weight)"
+    if any(sid in (s.space for s in axis if not _plain(s))
+           for v in _all_values(b) for axis in v.axes.values()):
+        return "they are flattened with another dim"
+    return None
+
+
 def _all_values(b):
     for v in list(b.values.values()):
         if isinstance(v, Pieces):
@@ -141,27 +148,28 @@ def _all_values(b):
 
 
 def _cut_axis(ctx: ACtx, axis: tuple, widths: list[int]) -> list[tuple]:
-    """``axis`` cut into consecutive parts of ``widths``, splitting fresh spaces as needed."""
+    """``axis`` cut into consecutive parts of ``widths``. A fresh projection's space (or a
+    fixed one) is split into spaces of its own (:func:`split_space`); any other space is cut
+    with everything joined with it into sub-spaces (:func:`~hmir.frontends.subspaces.cut_at`)."""
     b = ctx.b
-    bounds = set(itertools.accumulate(widths))
+    bounds = list(itertools.accumulate(widths))
     segs, start = [], 0
     for seg in axis:
         n = b.axis_width((seg,))
         inside = sorted(c - start for c in bounds if start < c < start + n)
-        if not inside:
+        rs = b.raw[seg.space]
+        if not inside or not _plain(seg) or not (rs.fixed or _why_not_fresh(b, seg.space) is None):
             segs.append(seg)
-        elif not _plain(seg):
-            b.fail(f"splits feature dim inside a flattened segment {seg} (pieces of {widths}); "
-                   f"only whole features can be merged")
         else:
-            rs, cuts = b.raw[seg.space], list(zip([0, *inside], [*inside, n]))
+            cuts = list(zip([0, *inside], [*inside, n]))
             if rs.fixed:                 # never permuted: each piece is a fixed space of its own
                 segs += [Segment(b.new_space(e - s, f"{rs.name}[{s}:{e}]", fixed=rs.fixed))
                          for s, e in cuts]
             else:
                 segs += [Segment(s) for s in split_space(b, seg.space, [e - s for s, e in cuts])]
         start += n
-    parts, it = [], iter(segs)
+    it = iter(cut_at(b, tuple(segs), bounds[:-1]))
+    parts = []
     for w in widths:
         part, got = [], 0
         while got < w:
@@ -278,4 +286,5 @@ FUSED_RULES: dict[object, object] = {
     aten.unbind: Split(dim_arg=1, keepdim=False),
     aten.select: PieceSelect(Select()),
     operator.getitem: PIECE,
+    **{op: PairPointwise(APointwise()) for op in PAIR_OPS},    # XCA: (q @ kᵀ) * t, softmax
 }

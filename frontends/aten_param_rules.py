@@ -15,12 +15,16 @@ from dataclasses import dataclass
 
 from hmir.frontends.aten_rules import ACtx, heads_of
 from hmir.frontends.rules import ParamOp
-from hmir.ir import Segment
+from hmir.ir import ObsPoint, Segment
 
 
 @dataclass(frozen=True)
 class Linear:
-    """aten.linear(x, weight, bias): reads x's last dim, writes a new space."""
+    """aten.linear(x, weight, bias): reads x's last dim, writes a new space.
+
+    A last dim holding the attention head index (talking heads: ``proj(attn.permute(0, 2, 3,
+    1))``) mixes heads: the weight's two dims and the bias get a space of one unit per head
+    in the heads' group class, and the output holds the head index again."""
 
     name: str = "linear"
 
@@ -28,12 +32,33 @@ class Linear:
         x, b = ctx.first(), ctx.b
         w, shape = ctx.param(1, "weight")
         bias, _ = ctx.param(2, "bias", required=False)
+        hd = heads_of(x).get(x.ndim - 1)
+        if hd is not None:
+            return _mix_heads(ctx, x, hd, w, shape, bias)
         axis = b.axis_of(x, -1, "this linear")
         b.read_point(x, axis)
         out = ParamOp(in_dim=-1)._dense(b, w, shape, axis, [bias] if bias else [], ctx.node.name)
         axes = {d: a for d, a in x.axes.items() if d != x.ndim - 1}
         axes[x.ndim - 1] = out
         return ctx.emit(axes, sources=(x,))
+
+
+def _mix_heads(ctx: ACtx, x, hd, w: str, shape: tuple, bias: str | None):
+    """A linear over the head index: ``W[j, i]`` mixes head ``i`` into head ``j``."""
+    b, n = ctx.b, x.shape[-1]
+    if hd.d is not None or hd.merged or hd.rep != 1 or tuple(shape) != (n, n):
+        b.fail(f"applies a linear of weight {tuple(shape)} to the attention head index of a "
+               f"tensor of shape {tuple(x.shape)}; hmir mixes heads only as a square linear over "
+               f"a dim holding the head index alone (not the units, not heads folded with the "
+               f"batch or repeated)")
+    sid = b.new_space(n, f"{ctx.node.name}:{w}:heads")
+    b.add_slice(w, 1, sid, "in")
+    b.add_slice(w, 0, sid, "out")
+    if bias:
+        b.add_slice(bias, 0, sid, "out")
+    b.group_links.append((hd.space, sid))
+    b.points.append((sid, ObsPoint(ctx.node.name, x.ndim - 1, 0)))
+    return ctx.emit(dict(x.axes), sources=(x,), heads=dict(heads_of(x)))
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,26 @@
 """Rules of aten graphs for attention itself: ``scaled_dot_product_attention`` and the
-eager ``matmul`` products of attention (``q @ k.T``, ``weights @ v``).
+eager ``matmul`` products of attention (``q @ k.T``, ``weights @ v``, and any product whose
+contracted dims are both positions, both head units or both features: cross-covariance
+attention ``q @ kᵀ`` over tokens, CoaT's ``q @ (kᵀ @ v)``).
 
 q and k share a head-grouped space (their units are contracted together); v's heads, and
-the output's, form another, linked to q/k's as one group class (heads move alike).
+the output's, form another, linked to q/k's as one group class (heads move alike). q
+against a run of a fused k|v head (LeViT) becomes a view of that run. A product holding
+head units at both matrix dims (:class:`UnitPair`) flows only through elementwise ops
+(:class:`PairPointwise`) into another matmul.
 
 Example::
 
-    >>> Attention().name, MatMul().name
-    ('attention', 'matmul')
+    >>> Attention().name, MatMul().name, PairPointwise(None).name
+    ('attention', 'matmul', 'pair_pointwise')
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from hmir.frontends.aten_rules import ACtx, Head, heads_of
+import torch
+
+from hmir.frontends.aten_rules import ACtx, AVal, Head, group_size, heads_of
 
 @dataclass(frozen=True)
 class Attention:
@@ -72,6 +79,13 @@ def bind_qk(ctx: ACtx, q: tuple, k: tuple) -> None:
         if hq.units(qv.shape) != hk.units(kv.shape):         # q|k|v in one head: pin q and k
             b.pin(hq.space, *hq.units(qv.shape))
             b.pin(hk.space, *hk.units(kv.shape))
+    elif hq.whole(b) != hk.whole(b) and hq.rep == hk.rep == 1:   # q against a run of k|v
+        (w, _), (r, rv) = sorted(((hq, qv), (hk, kv)), key=lambda p: not p[0].whole(b))
+        lo, hi = r.units(rv.shape)
+        if group_size(b, w.space) != hi - lo:
+            b.fail(f"contracts {group_size(b, w.space)} units of each head with a run of "
+                   f"{hi - lo} units of another projection's heads")
+        b.view(w.space, r.space, 1, lo)
     else:
         b.fail("contracts runs of head units of two different projections")
 
@@ -89,30 +103,183 @@ def attention_output(ctx: ACtx, q, hq: Head, v, hv: Head) -> Head:
     return Head(hv.d, sid, hv.merged)
 
 
+@dataclass
+class UnitPair(AVal):
+    """A product whose two matrix dims both hold head units (``kᵀ @ v``: (B, H, dk, dv)):
+    ``heads`` holds the last dim's, ``rows`` = ``(h, Head)`` the units at dim -2. Only
+    another matmul may read it (:func:`_guard`)."""
+
+    rows: tuple | None = None
+
+
+def _units(v) -> dict[int, tuple[int, Head]]:
+    """``{dim: (head dim, Head)}`` for each dim of ``v`` holding head units."""
+    out = {hd.d: (h, hd) for h, hd in heads_of(v).items() if hd.d is not None}
+    if getattr(v, "rows", None):
+        out[v.rows[1].d] = v.rows
+    return out
+
+
+def _index(v) -> dict[int, Head]:
+    """``{head dim: Head}`` of every head index ``v`` carries (rows included)."""
+    out = dict(heads_of(v))
+    if getattr(v, "rows", None):
+        out.setdefault(*v.rows)
+    return out
+
+
+def _guard(ctx: ACtx) -> None:
+    for user in ctx.node.users:
+        if user.op != "call_function" or getattr(user.target, "overloadpacket",
+                                                 user.target) not in _PAIR_READERS:
+            ctx.b.fail(f"gives a product whose two last dims both hold attention head units; "
+                       f"hmir follows it only into another matmul, but node '{user.name}' "
+                       f"({user.target}) reads it")
+
+
+@dataclass(frozen=True)
+class PairPointwise:
+    """An elementwise op (``rule``) that also reads :class:`UnitPair` values (XCA's
+    ``(q @ kᵀ) * temperature``, its softmax): the pair's last-dim heads pass through
+    ``rule``; every other operand must be constant along the rows (size 1 there) or a pair
+    with the same rows (joined)."""
+
+    rule: object
+    name: str = "pair_pointwise"
+
+    def apply(self, ctx: ACtx):
+        b, pairs = ctx.b, [v for v in ctx.tensor_args() if isinstance(v, UnitPair)]
+        if not pairs:
+            return self.rule.apply(ctx)
+        n = len(ctx.out_shape())
+        h, rows = pairs[0].rows[0] - pairs[0].ndim + n, pairs[0].rows[1]
+        d = rows.d - pairs[0].ndim + n
+        for v in ctx.tensor_args():
+            e = d - n + v.ndim
+            if isinstance(v, UnitPair):
+                if (v.rows[0] - v.ndim + n, v.rows[1].d - v.ndim + n) != (h, d):
+                    b.fail("combines two products whose head units lie at different dims")
+                b.union(rows.space, v.rows[1].space)
+            elif e >= 0 and v.shape[e] != 1:
+                b.fail(f"combines a product holding head units at dims -2 and -1 with a tensor "
+                       f"of shape {tuple(v.shape)} that varies along the units at dim {d}")
+        saved = {nd: v for nd, v in b.values.items() if isinstance(v, UnitPair)}
+        b.values.update({nd: AVal(v.shape, dict(v.axes), v.raw, heads=dict(v.heads),
+                                  origin=dict(v.origin)) for nd, v in saved.items()})
+        try:
+            out = self.rule.apply(ctx)
+        finally:
+            b.values.update(saved)
+        _guard(ctx)
+        v = UnitPair(out.shape, out.axes, heads=out.heads, rows=(h, replace(rows, d=d)))
+        v.origin.update(out.origin)
+        return v
+
+
+def _ops(names: str) -> list:
+    aten = torch.ops.aten
+    return [getattr(aten, n + s) for n in names.split() for s in ("", "_")
+            if hasattr(aten, n + s)]
+
+
+PAIR_OPS = _ops("add sub mul div neg exp softmax _softmax log_softmax dropout clone "
+                 "contiguous alias detach _to_copy to type_as")
+_PAIR_READERS = (torch.ops.aten.matmul, torch.ops.aten.sym_size, *PAIR_OPS)
+
+
 @dataclass(frozen=True)
 class MatMul:
-    """aten.matmul of eager attention: ``q @ kᵀ`` contracts each head's units (as
-    :func:`bind_qk`) into scores carrying the head index; ``weights @ v`` gives v's heads
-    (as :class:`Attention`'s output). Any other product of computed tensors is an error."""
+    """aten.matmul of two computed tensors: out dim -2 takes A's dim -2 layout, out dim -1
+    B's dim -1 layout, batch dims (the head index) join. The contracted dims (A's -1, B's -2)
+    must both be positions, both head units (bound as :func:`bind_qk`: ``q @ kᵀ``,
+    ``q @ (kᵀ @ v)``) or both features (joined); anything else is an error. ``weights @ v``
+    gives v's heads (as :class:`Attention`'s output)."""
 
     name: str = "matmul"
 
     def apply(self, ctx: ACtx):
         b = ctx.b
         x, y = ctx.val(ctx.arg(0, "self")), ctx.val(ctx.arg(1, "other"))
-        hx, hy = heads_of(x), heads_of(y)
-        if x is None or y is None or len(hx) != 1 or len(hy) != 1 or x.axes or y.axes:
-            b.fail("multiplies two computed tensors that are not attention heads; hmir follows "
-                   "matmul only as eager attention (q @ k.T, weights @ v)")
-        (h1, a), (h2, c) = next(iter(hx.items())), next(iter(hy.items()))
-        out = len(ctx.out_shape())
-        if h1 - x.ndim != h2 - y.ndim:
-            b.fail("multiplies attention heads laid out at different dims")
-        h = out - x.ndim + h1
-        if a.d == x.ndim - 1 and c.d == y.ndim - 2:                     # q @ k.T
-            bind_qk(ctx, (x, a), (y, c))
-            return ctx.emit({}, sources=(x, y), heads={h: Head(None, a.space, a.merged)})
-        if a.d is None and c.d == y.ndim - 1:                           # weights @ v
-            o = attention_output(ctx, x, a, y, c)
-            return ctx.emit({}, sources=(y,), heads={h: replace(o, d=out - 1)})
-        b.fail("multiplies attention heads in a way that is neither q @ k.T nor weights @ v")
+        if x is None or y is None or x.ndim < 2 or y.ndim < 2:
+            b.fail("multiplies something that is not a matrix of computed values")
+        n = len(ctx.out_shape())
+        ux, uy = _units(x), _units(y)
+        for v, what in ((x, "first"), (y, "second")):
+            if any(h >= v.ndim - 2 for h in _index(v)):
+                b.fail(f"multiplies a {what} operand whose matrix dims hold the attention head "
+                       f"index; hmir follows heads only along batch dims of a matmul")
+        self._contract(ctx, x, y, ux.get(x.ndim - 1), uy.get(y.ndim - 2))
+        axes = self._batch(ctx, x, y, n)
+        if x.ndim - 2 in x.axes:
+            axes[n - 2] = x.axes[x.ndim - 2]
+        if y.ndim - 1 in y.axes:
+            axes[n - 1] = y.axes[y.ndim - 1]
+        return self._heads(ctx, x, y, n, axes, ux.get(x.ndim - 2), uy.get(y.ndim - 1))
+
+    @staticmethod
+    def _contract(ctx: ACtx, x, y, hx, hy) -> None:
+        b, dx, dy = ctx.b, x.ndim - 1, y.ndim - 2
+        fx, fy = dx in x.axes, dy in y.axes
+        if hx and hy:
+            bind_qk(ctx, (x, hx[1]), (y, hy[1]))
+        elif (fx or x.raw) and (fy or y.raw) and (fx or fy):     # the model input: fixed
+            ax, ay = b.axis_of(x, dx, "this matmul"), b.axis_of(y, dy, "this matmul")
+            b.read_point(x, ax)
+            b.read_point(y, ay)
+            b.union_axes(ax, ay)
+        elif hx or hy or fx or fy:
+            what = lambda h, f: "head units" if h else "features" if f else "positions"
+            b.fail(f"contracts {what(hx, fx)} (dim -1 of the first operand) with "
+                   f"{what(hy, fy)} (dim -2 of the second); hmir merges a product only when "
+                   f"both contracted dims are positions, both head units or both features")
+
+    @staticmethod
+    def _batch(ctx: ACtx, x, y, n: int) -> dict:
+        """Batch dims: features join; features or heads against entries that vary are errors."""
+        b, axes = ctx.b, {}
+        for d in range(n - 2):
+            got = [(v, d - n + v.ndim) for v in (x, y) if d - n + v.ndim >= 0]
+            feat = [v.axes[e] for v, e in got if e in v.axes]
+            head = [_index(v)[e] for v, e in got if e in _index(v)]
+            vary = [v for v, e in got if v.shape[e] != 1]
+            if feat and (head or len(feat) < len(vary)):
+                b.fail(f"multiplies along batch dim {d} features against entries that are not "
+                       f"the same features")
+            if head and len(head) < len(vary):
+                b.fail(f"multiplies attention heads at dim {d} by a tensor that varies along it "
+                       f"without carrying the same heads")
+            if len(head) == 2:
+                if head[0].merged != head[1].merged:
+                    b.fail("multiplies attention heads laid out at different dims")
+                b.group_links.append((head[0].space, head[1].space))
+            if feat:
+                axes[d] = feat[0] if len(feat) == 1 else b.union_axes(*feat)
+        return axes
+
+    @staticmethod
+    def _heads(ctx: ACtx, x, y, n: int, axes: dict, rx, cy):
+        """Out heads: the head index of A (else B), B's units at -1 (as :class:`Attention`'s
+        output), A's units at -2; both at one head index: a :class:`UnitPair`."""
+        at = lambda v, h: _index(v).get(h - n + v.ndim)
+        heads = {h - v.ndim + n: Head(None, hd.space, hd.merged)
+                 for v in (y, x) for h, hd in _index(v).items()}
+        rows = None
+        if cy:
+            h, hx, hv = cy[0] - y.ndim + n, at(x, cy[0] - y.ndim + n), cy[1]
+            if hx is None and (hv.rep != 1 or not hv.whole(ctx.b)):
+                ctx.b.fail("multiplies copies or runs of head units by a tensor without heads")
+            o = hv if hx is None else attention_output(ctx, x, hx, y, hv)
+            heads[h] = replace(o, d=n - 1)
+        if rx:
+            rows = (rx[0] - x.ndim + n, replace(rx[1], d=n - 2))
+            if not (cy and rows[0] == cy[0] - y.ndim + n):
+                heads[rows[0]], rows = rows[1], None
+        if rows is None:
+            v = ctx.emit(axes, raw=x.raw and y.raw, sources=(x, y), heads=heads)
+            v.index = getattr(x, "index", False) and getattr(y, "index", False)
+            return v
+        _guard(ctx)
+        v = UnitPair(ctx.out_shape(), axes, heads=heads, rows=rows)
+        for src in (x, y):
+            v.origin.update(src.origin)
+        return ctx.b.observe(v, ctx.node)
