@@ -178,7 +178,11 @@ def save(args, env: dict, records: dict) -> None:
 def run(args) -> dict:
     """Run every (model, mode) child, ``--jobs`` at a time; save after each one."""
     path = args.out / "coverage.json"
-    records = json.loads(path.read_text())["records"] if args.resume and path.exists() else {}
+    keep = (args.resume or args.rerun) and path.exists()
+    records = json.loads(path.read_text())["records"] if keep else {}
+    if args.rerun:                       # run the chosen models again, keep everyone else's records
+        for s in model_list(args):
+            records.pop(s, None)
     env = _machine(**_versions())
     modes = ("hmir",) + (() if args.no_tp or env["torch_pruning"] is None else ("tp",))
     todo = [(s, m) for s in model_list(args) for m in modes if m not in records.get(s, {})]
@@ -297,6 +301,8 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs", type=int, default=1, help="children running at once (default 1)")
     ap.add_argument("--no-tp", action="store_true", help="skip the torch-pruning anchor")
     ap.add_argument("--resume", action="store_true", help="skip models already in the json")
+    ap.add_argument("--rerun", action="store_true",
+                    help="keep the json's other records, run the chosen models (--only) again")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder of coverage.md/.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="hmir", help=argparse.SUPPRESS)

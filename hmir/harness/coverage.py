@@ -6,7 +6,8 @@ non-trivial (:func:`randomize`: random norm statistics and affine params, no con
 parameters), then :func:`run_checks` yields one record per check, in order, stopping at the
 first failure:
 
-1. ``lower``: :func:`hmir.frontends.lower` (``frontend`` is ``"fx"`` or ``"export"``);
+1. ``lower``: :func:`hmir.frontends.select.lower`: fx, then torch.export when it fails, as
+   ``compile_merge`` does (``frontend`` is ``"fx"`` or ``"export"``);
 2. ``perm``: a random permutation of every free space leaves the output unchanged
    (``rel`` = max|y_p - y| / max|y| ≤ :data:`TOL`);
 3. ``merge``: ``compile_merge(m, copy(m), ...)`` (zip, no repair) reproduces m (``rel`` ≤ TOL);
@@ -195,7 +196,7 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int 
     ``peak_mb``, numbers, ``error`` = exception type and first message line), stopping after the
     first failure. ``y`` is ``model(x)``; calibration: 2 batches of 4 images of x's size."""
     from hmir import compile_merge
-    from hmir.frontends import lower
+    from hmir.frontends.select import lower          # fx, then torch.export (as compile_merge)
 
     state: dict = {}
 
