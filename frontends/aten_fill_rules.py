@@ -50,7 +50,8 @@ def fill_in_place(ctx: ACtx, x):
         return x                       # a view of features or positions: bounds already cut
     src = node.args[0] if _packet(node) is aten.slice else None
     pm = pmap(ctx.val(src)) if src is not None else None
-    dim = node.args[1] % len(node.args[0].meta["val"].shape) if pm is not None else None
+    dim = (node.args[1] if len(node.args) > 1 else 0) % src.meta["val"].ndim \
+        if pm is not None else None
     step = node.args[4] if len(node.args) > 4 else 1
     if pm is None or dim not in pm or step != 1:
         ctx.b.fail("writes in place into a part of a parameter (or its copy) that is not a run "
