@@ -8,7 +8,9 @@ of a fused projection, and a feature dim folded together with batch or spatial d
   ``select`` (``qkv[0]``) along it hands out the pieces.
 * :class:`FoldVal`: a feature dim laid out inside a bigger dim as ``outer × units × inner``
   (MobileViT's unfold ``(B, C, H, W) -> (B·C·nh, ph, nw, pw)``): reshapes and transposes
-  follow it (:func:`place`) until a reshape brings it out as a dim of its own again.
+  follow it (:func:`place`) until a reshape brings it out as a dim of its own again. Folded
+  with positions only (Swin's patch merging ``(…, 2, 2, C) -> 4C``), the dim is an ordinary
+  feature axis whose segment has ``outer``/``inner`` > 1 (:func:`fold_group`).
 
 Neither is a tensor other rules understand: a rule that emits one checks that every user of
 its node is a rule that reads these layouts (:func:`guard`), and fails naming the user.
