@@ -265,13 +265,11 @@ class MatMul:
                  for v in (y, x) for h, hd in _index(v).items()}
         rows = None
         if cy:
-            h, hx, hv = cy[0] - y.ndim + n, at(x, cy[0] - y.ndim + n), cy[1]
-            if hx is None and (hv.rep != 1 or not hv.whole(ctx.b)):
-                ctx.b.fail("multiplies copies or runs of head units by a tensor without heads")
-            o = hv if hx is None else attention_output(ctx, x, hx, y, hv)
-            heads[h] = replace(o, d=n - 1)
+            heads[cy[0] - y.ndim + n] = _out_units(ctx, y, cy[1], x, at(x, cy[0] - y.ndim + n),
+                                                   n - 1)
         if rx:
-            rows = (rx[0] - x.ndim + n, replace(rx[1], d=n - 2))
+            rows = (rx[0] - x.ndim + n, _out_units(ctx, x, rx[1], y, at(y, rx[0] - x.ndim + n),
+                                                   n - 2))
             if not (cy and rows[0] == cy[0] - y.ndim + n):
                 heads[rows[0]], rows = rows[1], None
         if rows is None:
@@ -283,3 +281,13 @@ class MatMul:
         for src in (x, y):
             v.origin.update(src.origin)
         return ctx.b.observe(v, ctx.node)
+
+
+def _out_units(ctx: ACtx, v, hv: Head, w, hw: Head | None, d: int) -> Head:
+    """The output's units at ``d`` from ``v``'s head ``hv``, against ``w``'s head ``hw`` at the
+    same head dim (copies or a run of ``v``'s units: a new space viewing them)."""
+    if hw is None:
+        if hv.rep != 1 or not hv.whole(ctx.b):
+            ctx.b.fail("multiplies copies or runs of head units by a tensor without heads")
+        return replace(hv, d=d)
+    return replace(attention_output(ctx, w, hw, v, hv), d=d)

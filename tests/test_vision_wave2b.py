@@ -186,7 +186,19 @@ class RunOfKV(nn.Module):
         return self.proj((a @ v.permute(0, 2, 1, 3)).transpose(1, 2).reshape(*x.shape[:2], -1))
 
 
-@pytest.mark.parametrize("cls", [XCA, Factorized, RunOfKV])
+class RunOfKVChannels(RunOfKV):
+    """The same with channels first (LeViT's conv mode): ``v @ attnᵀ`` puts v's run of units
+    at dim -2."""
+
+    def forward(self, x):
+        k, v = self.kv(x).transpose(1, 2).reshape(x.shape[0], H, -1, N).split(
+            [self.kd, self.vd], dim=2)
+        q = self.q(x).transpose(1, 2).reshape(x.shape[0], H, self.kd, N)
+        a = (q.transpose(-2, -1) @ k).softmax(dim=-1)
+        return self.proj((v @ a.transpose(-2, -1)).reshape(x.shape[0], -1, N).transpose(1, 2))
+
+
+@pytest.mark.parametrize("cls", [XCA, Factorized, RunOfKV, RunOfKVChannels])
 def test_attention_products(cls):
     _check(cls(), torch.randn(B, N, C))
 
