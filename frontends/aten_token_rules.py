@@ -69,6 +69,9 @@ class TokenLinear:
     name: str = "linear"
 
     def apply(self, ctx: ACtx):
+        x = ctx.val(ctx.arg(0, "input"))
+        if x is not None and x.ndim - 1 in (getattr(x, "heads", None) or {}):
+            return Linear().apply(ctx)                  # mixes attention heads (talking heads)
         return with_positions(ctx, Linear(), [(ctx.arg(0, "input"), -1)], "this linear")
 
 

@@ -260,9 +260,6 @@ class SplitHeads(nn.Module):
 
 
 @pytest.mark.parametrize("cls, message", [
-    (Residual, "selects part of a projection whose features are used elsewhere: space 'linear' "
-               "(width 8) cannot be split into pieces of [4, 4] because they are joined"),
-    (ReadTwice, "because a layer already reads them whole"),
     (Scores, "multiplies two computed tensors"),
     (SplitHeads, "splits the attention heads themselves"),
 ])

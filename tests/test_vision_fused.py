@@ -179,10 +179,3 @@ def test_timm_models(name):
     assert _perm_error(m, x) < 1e-5
     err, onnx = _self_merge(m, x, f"/tmp/hmir_test_{name}.onnx")
     assert err < 1e-5 and onnx <= 1e-4
-
-
-def test_talking_heads_are_a_clear_error():
-    timm = pytest.importorskip("timm")
-    m = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, depth=1, num_classes=10)
-    with pytest.raises(LoweringError, match="holds attention heads"):
-        lower(m.eval(), torch.randn(2, 3, 32, 32))
