@@ -23,6 +23,8 @@ Example::
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from hmir.ir import MergeIR, Slice
@@ -88,6 +90,7 @@ def permute_state(ir: MergeIR, state: dict[str, torch.Tensor],
     """
     out = dict(state)
     grouped = []
+    meta = getattr(state, "_metadata", None)     # module versions (MNASNet's load hook reads them)
     for slices in tensor_slices(ir).values():      # a tied tensor once, each region once
         for sl in slices:
             perm = perms.get(sl.space)
@@ -99,4 +102,8 @@ def permute_state(ir: MergeIR, state: dict[str, torch.Tensor],
                 out[sl.param] = _permute_dim(out[sl.param], sl, perm)
     for sl, perm, k in grouped:
         out[sl.param] = _permute_grouped(out[sl.param], sl, perm, k)
-    return tie_state(ir, out)
+    out = tie_state(ir, out)
+    if meta is not None:
+        out = OrderedDict(out)
+        out._metadata = meta
+    return out
