@@ -96,22 +96,9 @@ class Einsum:
 
 def matmul_of(ctx: ACtx, x: AVal, y: AVal):
     """:class:`~hmir.frontends.attention_rules.MatMul` applied to two laid-out operands."""
-    from hmir.frontends.attention_rules import _index, _units
-
-    n = len(ctx.out_shape())
-    ux, uy = _units(x), _units(y)
-    for v, what in ((x, "first"), (y, "second")):
-        if any(h >= v.ndim - 2 for h in _index(v)):
-            ctx.b.fail(f"computes an einsum whose {what} operand holds the attention head index "
-                       f"among its row or contracted letters; hmir follows heads only as batch "
-                       f"letters")
-    MatMul._contract(ctx, x, y, ux.get(x.ndim - 1), uy.get(y.ndim - 2))
-    axes = MatMul._batch(ctx, x, y, n)
-    if x.ndim - 2 in x.axes:
-        axes[n - 2] = x.axes[x.ndim - 2]
-    if y.ndim - 1 in y.axes:
-        axes[n - 1] = y.axes[y.ndim - 1]
-    return MatMul._heads(ctx, x, y, n, axes, ux.get(x.ndim - 2), uy.get(y.ndim - 1))
+    return MatMul.product(ctx, x, y, "computes an einsum whose {what} operand holds the "
+                          "attention head index among its row or contracted letters; hmir "
+                          "follows heads only as batch letters")
 
 
 def param_einsum(ctx: ACtx, eq: str, ops: list):

@@ -202,19 +202,28 @@ class MatMul:
         x, y = ctx.val(ctx.arg(0, "self")), ctx.val(ctx.arg(1, "other"))
         if x is None or y is None or x.ndim < 2 or y.ndim < 2:
             b.fail("multiplies something that is not a matrix of computed values")
+        return self.product(ctx, x, y)
+
+    INDEX_ERROR = ("multiplies a {what} operand whose matrix dims hold the attention head "
+                   "index; hmir follows heads only along batch dims of a matmul")
+
+    @classmethod
+    def product(cls, ctx: ACtx, x, y, index_error: str = INDEX_ERROR):
+        """The output layout of ``x @ y`` (both at least 2-d, batch dims first); also used by
+        einsum once its operands are laid out as matmul operands (with its own wording of
+        the head-index error)."""
         n = len(ctx.out_shape())
         ux, uy = _units(x), _units(y)
         for v, what in ((x, "first"), (y, "second")):
             if any(h >= v.ndim - 2 for h in _index(v)):
-                b.fail(f"multiplies a {what} operand whose matrix dims hold the attention head "
-                       f"index; hmir follows heads only along batch dims of a matmul")
-        self._contract(ctx, x, y, ux.get(x.ndim - 1), uy.get(y.ndim - 2))
-        axes = self._batch(ctx, x, y, n)
+                ctx.b.fail(index_error.format(what=what))
+        cls._contract(ctx, x, y, ux.get(x.ndim - 1), uy.get(y.ndim - 2))
+        axes = cls._batch(ctx, x, y, n)
         if x.ndim - 2 in x.axes:
             axes[n - 2] = x.axes[x.ndim - 2]
         if y.ndim - 1 in y.axes:
             axes[n - 1] = y.axes[y.ndim - 1]
-        return self._heads(ctx, x, y, n, axes, ux.get(x.ndim - 2), uy.get(y.ndim - 1))
+        return cls._heads(ctx, x, y, n, axes, ux.get(x.ndim - 2), uy.get(y.ndim - 1))
 
     @staticmethod
     def _contract(ctx: ACtx, x, y, hx, hy) -> None:

@@ -11,7 +11,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from pathlib import Path  # noqa: F401  (the doctest writes a file)
 from typing import Any
 
 import numpy as np
@@ -53,13 +53,14 @@ def compare(session: ort.InferenceSession, model: nn.Module,
     Example::
 
         >>> import tempfile
+        >>> from hmir.backend.onnx_export import _session
         >>> tmp = tempfile.TemporaryDirectory()
         >>> path = Path(tmp.name, "relu.onnx")
         >>> onnx.save(onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 18]>
         ...     relu (float[batch, 4] x) => (float[batch, 4] y) { y = Relu(x) }'''), path)
-        >>> compare(_test_session(path), nn.ReLU(), -torch.ones(3, 4))
+        >>> compare(_session(path), nn.ReLU(), -torch.ones(3, 4))
         [(0.0, 0.0)]
-        >>> compare(_test_session(path), nn.Identity(), -torch.ones(3, 4))     # ReLU(-1) vs -1
+        >>> compare(_session(path), nn.Identity(), -torch.ones(3, 4))     # ReLU(-1) vs -1
         [(1.0, 1.0)]
         >>> tmp.cleanup()
     """
@@ -102,6 +103,3 @@ def _abs_diff(got: np.ndarray, expected: np.ndarray) -> float:
     d[np.isnan(a) & np.isnan(b)] = 0.0
     return float(np.nan_to_num(d, nan=np.inf).max())
 
-
-def _test_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
